@@ -1,0 +1,66 @@
+"""Denoising, inpainting and synthesis of a volume, slice by slice at native resolution.
+
+Image tasks must not lose detail, so slices are never resized: the model (fully convolutional,
+trained on grid-sized native-resolution crops) runs over each slice with MONAI's Gaussian-weighted
+sliding window at its training grid size. Context pairs are grid-sized native crops too, encoded
+once. Outputs are mapped back to the input's units (or, for synthesis, the example targets' units).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+
+from .examples import Example
+from .grid import Box, crop
+from .intensity import Normalizer
+from .predictor import Predictor
+
+Progress = Callable[[float, str], None]
+
+
+def _window(e: Example, size: int) -> Box:
+    """A grid-sized window at the example's point of interest (default: the slice centre)."""
+    r, c = e.center or (e.image.shape[0] // 2, e.image.shape[1] // 2)
+    return Box(r - size // 2, r - size // 2 + size, c - size // 2, c - size // 2 + size)
+
+
+def encode_examples(p: Predictor, examples: list[Example], task: int, modality: int):
+    size = p.model.config.grid
+    imgs = np.stack([crop(e.image_norm(e.image), _window(e, size)) for e in examples])
+    tgts = np.stack([crop(e.target_norm(e.target), _window(e, size)) for e in examples])
+    return p.encode(imgs[None], tgts[None], task, modality)
+
+
+def run_image_task(p: Predictor, slices: np.ndarray, examples: list[Example], task: int,
+                   modality: int, in_norm: Normalizer, out_norm: Normalizer,
+                   holes: np.ndarray | None, progress: Progress, batch: int = 4) -> np.ndarray:
+    """slices: [n, H, W] input units; holes: [n, H, W] bool for inpainting. Returns output units."""
+    cache = encode_examples(p, examples, task, modality)
+    size = p.model.config.grid
+    n = slices.shape[0]
+    out = np.empty(slices.shape, np.float32)
+    todo = [i for i in range(n) if holes is None or holes[i].any()]
+    for i in set(range(n)) - set(todo):
+        out[i] = slices[i]
+    for j in range(0, len(todo), batch):
+        idx = todo[j:j + batch]
+        x = in_norm(slices[idx])
+        channels = [x]
+        if holes is not None:
+            valid = (~holes[idx]).astype(np.float32)
+            channels = [x * valid, x * valid, valid]
+        inputs = torch.as_tensor(np.stack(channels, 1), device=p.device)
+        with torch.inference_mode():
+            y = sliding_window_inference(inputs, (size, size), 8,
+                                         lambda w: p.predict_tensor(w, cache, "image"),
+                                         overlap=0.25, mode="gaussian")
+        y = out_norm.inverse(y[:, 0].cpu().numpy())
+        if holes is not None:
+            y = np.where(holes[idx], y, slices[idx])
+        out[idx] = y
+        progress((j + len(idx)) / max(len(todo), 1), f"slice {idx[-1] + 1}/{n}")
+    return out

@@ -1,0 +1,204 @@
+"""Segmentation of a volume from example slices: autoregressive propagation or per-slice.
+
+Propagation (the default when the examples are slices of the query volume): from every labelled
+slice a chain marches outward, one slice per step. Each step crops the slice around the previous
+slice's prediction (small structures stay large on the model grid), feeds that prediction as the
+query's prior, and adds the predicted pair to a short-term memory that joins the user's examples
+as context (SegGPT/SAM2-style memory; the user's pairs are the long-term memory). Between two
+labelled slices both directions run and are blended with linear weights, so each end pulls the
+result towards its own labels. Outside the labelled span a chain stops after N empty slices.
+All chains of all labels step in lockstep and are batched together.
+
+Several labels are separate binary runs batched side by side; the overlap rule is: a voxel takes
+the label with the highest probability among those above 0.5. Labelled slices are copied exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .examples import Example
+from .grid import Box, box_around, from_grid, full_box, to_grid
+from .intensity import Normalizer
+from .model import ContextCache
+from .predictor import Predictor, stack_caches
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass
+class SegmentSettings:
+    mode: str = "propagate"  # or "independent"
+    memory: int = 2  # predicted neighbour pairs kept as context
+    stop_after_empty: int = 3
+    threshold: float = 0.5
+
+
+@dataclass
+class Chain:
+    label: int  # index into the label list
+    start: int
+    step: int  # +1 or -1
+    end: int  # exclusive
+    stops: bool  # apply the stop-after-N-empty rule
+    weight_span: tuple[int, int] | None  # (a, b) for linear blending between labelled slices
+    prev: np.ndarray  # previous slice's probability (full slice)
+    box: Box
+    empties: int = 0
+    memory: list[ContextCache] = field(default_factory=list)
+
+    def slice_at(self, t: int) -> int:
+        return self.start + self.step * t
+
+    def weight(self, s: int) -> float:
+        if self.weight_span is None:
+            return 1.0
+        a, b = self.weight_span
+        return max(1e-3, 1.0 - abs(s - self.start) / abs(b - a))
+
+
+class VolumeSegmenter:
+    """Holds the per-run state: normalised slices, the encoded prompt and the accumulators."""
+
+    def __init__(self, predictor: Predictor, slices: np.ndarray, spacing: tuple[float, float],
+                 norm: Normalizer, examples: list[Example], labels: list[int], task: int,
+                 modality: int, in_volume: bool, settings: SegmentSettings, progress: Progress) -> None:
+        self.p, self.slices, self.spacing, self.norm = predictor, slices, spacing, norm
+        self.examples, self.labels, self.in_volume = examples, labels, in_volume
+        self.s = settings
+        self.progress = progress
+        self.grid = predictor.model.config.grid
+        self.task, self.modality = task, modality
+        self.cache = self._encode_prompt()
+
+    def _box(self, mask: np.ndarray, fallback: Box) -> Box:
+        if not self.in_volume:
+            return fallback
+        return box_around(mask, self.spacing) or fallback
+
+    def _encode_prompt(self) -> ContextCache:
+        imgs, tgts = [], []
+        for value in self.labels:
+            row_i, row_t = [], []
+            for e in self.examples:
+                fallback = full_box(e.image.shape, e.spacing)
+                m = e.target == value
+                box = (box_around(m, e.spacing) or box_around(e.target != 0, e.spacing) or fallback
+                       ) if self.in_volume else fallback
+                row_i.append(to_grid(e.image_norm(e.image), box, self.grid))
+                row_t.append(to_grid(m.astype(np.float32), box, self.grid) > 0.5)
+            imgs.append(row_i)
+            tgts.append(row_t)
+        return self.p.encode(np.asarray(imgs), np.asarray(tgts, np.float32), self.task, self.modality)
+
+    # -- per-slice mode -------------------------------------------------------------------------
+    def independent(self) -> np.ndarray:
+        n, shape = self.slices.shape[0], self.slices.shape[1:]
+        probs = np.zeros((len(self.labels), n) + shape, np.float16)
+        boxes = [self._label_box(i) for i in range(len(self.labels))]
+        items = [(s, li) for s in range(n) for li in range(len(self.labels))]
+        chunk = 16
+        for i in range(0, len(items), chunk):
+            part = items[i:i + chunk]
+            q = np.stack([to_grid(self.norm(self.slices[s]), boxes[li], self.grid) for s, li in part])
+            out = self.p.predict(q, self.cache.index([li for _, li in part]), "seg")
+            for (s, li), prob in zip(part, out):
+                probs[li, s] = from_grid(prob, boxes[li], shape)
+            self.progress((i + len(part)) / len(items), f"slice {part[-1][0] + 1}/{n}")
+        return probs
+
+    def _label_box(self, li: int) -> Box:
+        """Union of the label's boxes over the examples (in-volume), else the whole slice."""
+        shape = self.slices.shape[1:]
+        fallback = full_box(shape, self.spacing)
+        if not self.in_volume:
+            return fallback
+        union = np.zeros(shape, bool)
+        for e in self.examples:
+            if e.target.shape == shape:
+                union |= e.target == self.labels[li]
+        return box_around(union, self.spacing) or fallback
+
+    # -- propagation ------------------------------------------------------------------------------
+    def _chains(self) -> list[Chain]:
+        n, shape = self.slices.shape[0], self.slices.shape[1:]
+        known = {e.slice_index: e.target for e in self.examples if e.slice_index is not None}
+        idx = sorted(known)
+        chains = []
+        for li, value in enumerate(self.labels):
+            has = {s: bool(np.any(known[s] == value)) for s in idx}
+            bounds = [(None, idx[0])] + list(zip(idx[:-1], idx[1:])) + [(idx[-1], None)]
+            for a, b in bounds:
+                span = (a, b) if a is not None and b is not None else None
+                for origin, far, step in ((a, b, 1), (b, a, -1)):
+                    if origin is None or not has[origin]:
+                        continue
+                    end = far if far is not None else (n if step == 1 else -1)
+                    if abs(end - origin) <= 1:
+                        continue
+                    mask = known[origin] == value
+                    stops = far is None or not has[far]
+                    chains.append(Chain(li, origin, step, end, stops, span if not stops else None,
+                                        mask.astype(np.float32), self._box(mask, full_box(shape, self.spacing))))
+        return chains
+
+    def propagate(self) -> np.ndarray:
+        n, shape = self.slices.shape[0], self.slices.shape[1:]
+        acc = np.zeros((len(self.labels), n) + shape, np.float32)
+        wsum = np.zeros((len(self.labels), n), np.float32)
+        chains = self._chains()
+        total = max(sum(abs(c.end - c.start) - 1 for c in chains), 1)
+        done, t = 0, 0
+        while chains:
+            t += 1
+            chains = [c for c in chains if c.slice_at(t) != c.end]
+            if not chains:
+                break
+            self._step(chains, t, acc, wsum)
+            done += len(chains)
+            chains = [c for c in chains if not (c.stops and c.empties >= self.s.stop_after_empty)]
+            self.progress(min(done / total, 1.0), f"propagating: step {t}, {len(chains)} active")
+        return (acc / np.maximum(wsum, 1e-6)[..., None, None]).astype(np.float16)
+
+    def _step(self, chains: list[Chain], t: int, acc: np.ndarray, wsum: np.ndarray) -> None:
+        shape = self.slices.shape[1:]
+        for c in chains:
+            c.box = self._box(c.prev > self.s.threshold, c.box)
+        q = np.stack([to_grid(self.norm(self.slices[c.slice_at(t)]), c.box, self.grid) for c in chains])
+        prior = np.stack([to_grid(c.prev, c.box, self.grid) for c in chains])
+        cache = self.cache.index([c.label for c in chains])
+        if chains[0].memory:
+            cache = cache.cat(stack_caches([_cat_pairs(c.memory) for c in chains]))
+        probs = self.p.predict(q, cache, "seg", prior, np.ones_like(prior))
+        if self.s.memory:
+            mem = self.p.encode(q[:, None], (probs[:, None] > self.s.threshold).astype(np.float32),
+                                self.task, self.modality)
+        for i, (c, prob) in enumerate(zip(chains, probs)):
+            s = c.slice_at(t)
+            full = from_grid(prob, c.box, shape)
+            w = c.weight(s)
+            acc[c.label, s] += w * full
+            wsum[c.label, s] += w
+            c.prev = full
+            c.empties = 0 if (full > self.s.threshold).any() else c.empties + 1
+            if self.s.memory:
+                c.memory = (c.memory + [mem.index([i])])[-self.s.memory:]
+
+
+def _cat_pairs(caches: list[ContextCache]) -> ContextCache:
+    out = caches[0]
+    for c in caches[1:]:
+        out = out.cat(c)
+    return out
+
+
+def combine_labels(probs: np.ndarray, labels: list[int], threshold: float) -> np.ndarray:
+    """Overlap rule: the most probable label among those at or above the threshold."""
+    best = np.argmax(probs, axis=0)
+    top = np.take_along_axis(probs, best[None], 0)[0]
+    values = np.asarray(labels)[best]
+    dtype = np.uint8 if max(labels) < 256 else np.uint16 if max(labels) < 65536 else np.int32
+    return np.where(top >= threshold, values, 0).astype(dtype)
