@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss
 from monai.transforms import Compose, RandAffined, RandFlipd, RandScaleIntensityd
 
+from .errors import Cancelled
 from .model import InContextUNet
 
 AUGMENT = Compose([
@@ -28,7 +29,8 @@ AUGMENT = Compose([
 
 
 def adapt(model: InContextUNet, images: np.ndarray, targets: np.ndarray, task: int, modality: int,
-          steps: int = 0, seconds: float = 0.0, lr: float = 1e-4, seed: int = 0) -> InContextUNet:
+          steps: int = 0, seconds: float = 0.0, lr: float = 1e-4, seed: int = 0,
+          cancel=None) -> InContextUNet:
     """Fine-tune a copy on grid-sized example pairs [L, k, S, S] (L runs, e.g. one per label).
 
     Returns the copy in eval mode; each step draws one run and one left-out example of it.
@@ -44,6 +46,8 @@ def adapt(model: InContextUNet, images: np.ndarray, targets: np.ndarray, task: i
     runs, k, start, step = images.shape[0], images.shape[1], time.time(), 0
     rng = np.random.default_rng(seed)
     while (steps <= 0 or step < steps) and (seconds <= 0 or time.time() - start < seconds):
+        if cancel is not None and cancel():
+            raise Cancelled("cancelled by the user during adaptation; nothing was written")
         run, q = int(rng.integers(runs)), int(rng.integers(k))
         ctx = [i for i in range(k) if i != q] or [q]
         pairs = [AUGMENT({"image": images[run, i][None], "target": targets[run, i][None]})

@@ -34,7 +34,7 @@ def gather_examples(args: argparse.Namespace, image: Volume, axis_spec) -> list[
         examples = []
         for ip, tp in zip(args.context_image, args.context_target):
             ci, ct = read_volume(ip), read_volume(tp, label=task == "segment")
-            check_pair(ci, ct, f"context pair {ip} / {tp}", same_grid=synth)
+            check_pair(ci, ct, f"context pair {ip} / {tp}", same_grid=True)
             axis = 0 if ci.is_2d else parse_axis(axis_spec, ci)
             examples += pairs_from_volumes(ci, ct, axis, slices, task, args.modality, own=False)
         return examples
@@ -46,9 +46,10 @@ def gather_examples(args: argparse.Namespace, image: Volume, axis_spec) -> list[
         if target.shape != image.shape:
             raise InputError(f"--context-target shape {target.shape} differs from --image shape "
                              f"{image.shape}: targets of the image itself must share its grid")
-        if synth and not image.same_grid(target):
-            raise InputError("for synthesis the second contrast must be on the image's grid (same "
-                             "spacing, origin and direction): register and resample it first")
+        if not image.same_grid(target):
+            what = "second contrast" if synth else "target"
+            raise InputError(f"the {what} is not on the image's grid (spacing, origin or direction "
+                             "differ): resample it onto the image first (register it for synthesis)")
         axis = parse_axis(axis_spec, image)
         return pairs_from_volumes(image, target, axis, slices, task, args.modality, own=True)
     if task == "inpaint" and args.mask:
@@ -61,6 +62,9 @@ def run_command(args: argparse.Namespace) -> int:
     out = check_writable(args.out)
     resolve_device(args.device)
     image = read_volume(args.image)
+    if out.suffix.lower() == ".png" and image.shape[0] > 1:
+        raise InputError(f"{out}: a PNG holds one 2D image but the input has {image.shape[0]} slices: "
+                         "write .nii.gz, .nrrd or .mha")
     args.modality = args.modality or guess_modality(image.array)
     axis = parse_axis(args.axis, image)
     mask = read_volume(args.mask, label=True) if args.mask else None

@@ -17,7 +17,7 @@ from scipy import ndimage
 
 from .config import modality_index, task_index
 from .datasets import Case
-from .grid import Box, box_around, crop, full_box, to_grid
+from .grid import Box, box_around, crop, full_box, structure_width, to_grid, working_side
 
 
 @dataclass
@@ -133,18 +133,41 @@ class EpisodeSampler:
         return (qt > 0.5).astype(np.float32) * valid, valid
 
     def _segment2d(self, k: int) -> Episode:
+        """Cross-subject 2D episodes at the scale inference uses (grid.working_side): thin
+        structures are seen finely sampled, through grid-sized windows on foreground."""
         group = list(self.flat_seg)[int(self.rng.integers(len(self.flat_seg)))]
         cases = self.flat_seg[group]
         picks = self.rng.choice(len(cases), size=k + 1, replace=len(cases) < k + 1)
+        side = working_side([self._width_fraction(cases[int(i)]) for i in picks],
+                            max(cases[int(picks[0])].image.shape[1:]), self.grid)
         imgs, tgts = [], []
         for i in picks:
             c = cases[int(i)]
             box = full_box(c.image.shape[1:], c.spacing[1:])
-            imgs.append(to_grid(c.image[0], box, self.grid))
-            tgts.append(to_grid((c.labels[0] > 0).astype(np.float32), box, self.grid) > 0.5)
+            img = to_grid(c.image[0], box, side)
+            tgt = to_grid((c.labels[0] > 0).astype(np.float32), box, side) > 0.5
+            window = self._window_on(tgt, side)
+            imgs.append(crop(img, window))
+            tgts.append(crop(tgt.astype(np.float32), window) > 0.5)
         z = np.zeros((self.grid, self.grid), np.float32)
         return Episode(np.stack(imgs[1:]), np.stack(tgts[1:]), imgs[0], tgts[0], z, z,
                        task_index("segment"), modality_index(cases[0].modality))
+
+    def _width_fraction(self, case: Case) -> float:
+        key = ("width", case.name)
+        if key not in self._presence:
+            self._presence[key] = structure_width(case.labels[0] > 0) / max(case.labels.shape[1:])
+        return self._presence[key]
+
+    def _window_on(self, mask: np.ndarray, side: int) -> Box:
+        """The whole grid when the image fits it, else a grid window around a foreground pixel."""
+        g = self.grid
+        if side <= g:
+            return Box(0, g, 0, g)
+        fg = np.argwhere(mask)
+        centre = fg[int(self.rng.integers(len(fg)))] if len(fg) else np.array([side // 2, side // 2])
+        r0, c0 = (np.clip(centre + self.rng.integers(-g // 3, g // 3 + 1, 2) - g // 2, 0, side - g)).astype(int)
+        return Box(int(r0), int(r0) + g, int(c0), int(c0) + g)
 
     def _native_crops(self, case: Case, n: int, arrays: list[np.ndarray]) -> list[list[np.ndarray]]:
         """n random native-resolution grid-sized crops from random slices, same place in each array."""

@@ -91,6 +91,11 @@ def check_examples(examples: list[Example], task: str) -> None:
     for e in examples:
         if e.target.dtype.kind == "f" and not np.isfinite(e.target).all():
             raise InputError("an example target holds NaN or Inf values: replace them first")
+        if task == "segment" and e.target.dtype.kind == "f" and np.any(e.target != np.round(e.target)):
+            raise InputError("an example segmentation holds fractional values (a probability map?): "
+                             "give a label image with whole-number labels, e.g. threshold it at 0.5")
+        if task == "segment" and e.target.min() < 0:
+            raise InputError("an example segmentation holds negative labels: use labels 1, 2, ...")
 
 
 def inpaint_self_examples(image: Volume, mask: Volume, axis: int, modality: str,

@@ -86,3 +86,30 @@ def from_grid(patch: torch.Tensor | np.ndarray, box: Box, shape: tuple[int, int]
     if r1 > r0 and c1 > c0:
         out[r0:r1, c0:c1] = resized[r0 - box.r0:r1 - box.r0, c0 - box.c0:c1 - box.c0]
     return out
+
+
+def structure_width(mask: np.ndarray) -> float:
+    """Typical width in pixels of a mask's structures: twice the mean distance to background.
+
+    A vessel tree is a few pixels wide however large the image; a lesion is wide. The width decides
+    how finely a whole image must be sampled for the structure to survive on the model grid.
+    """
+    from scipy import ndimage
+
+    if not mask.any():
+        return float("inf")
+    return float(2 * ndimage.distance_transform_edt(mask)[mask].mean())
+
+
+def working_side(width_fractions: list[float], long_side: int, grid: int, min_px: float = 3.0,
+                 multiple: int = 16) -> int:
+    """Side of the square whole-image grid: `grid`, or finer until thin structures keep min_px.
+
+    width_fractions: structure widths as fractions of their own image's long side (examples may
+    differ in size); long_side caps the side at native resolution, 4 x grid caps the cost.
+    """
+    finite = [w for w in width_fractions if np.isfinite(w) and w > 0]
+    if not finite or float(np.median(finite)) * grid >= min_px:
+        return grid
+    side = min(min_px / float(np.median(finite)), long_side, 4 * grid)
+    return int(max(grid, round(side / multiple) * multiple))

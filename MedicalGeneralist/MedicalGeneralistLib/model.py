@@ -127,6 +127,8 @@ class InContextUNet(nn.Module):
         self.dec_film = nn.ModuleList(FiLM(d, c) for c in ch[:-1])
         self.seg_head = nn.Conv2d(ch[0], 1, 1)
         self.image_head = nn.Conv2d(ch[0] + 1, 1, 1)
+        nn.init.zeros_(self.image_head.weight)
+        nn.init.zeros_(self.image_head.bias)
 
     # -- shared encoder ---------------------------------------------------------------------
     def _encode(self, x: torch.Tensor, cond: torch.Tensor) -> list[torch.Tensor]:
@@ -182,7 +184,9 @@ class InContextUNet(nn.Module):
             y = self.dec_film[level](self.decoder[level](y, feats[level]), cond)
             if level in cache.levels:
                 y = self.interact[str(level)](y, cache.levels[level])
-        return {"seg": self.seg_head(y), "image": self.image_head(torch.cat([y, query], 1))}
+        # image tasks predict a correction of the query: denoising and inpainting start from the
+        # identity (the noisy input is the baseline to beat), synthesis learns the contrast change
+        return {"seg": self.seg_head(y), "image": query + self.image_head(torch.cat([y, query], 1))}
 
     def forward(self, ctx_images: torch.Tensor, ctx_targets: torch.Tensor, query: torch.Tensor,
                 task: torch.Tensor, modality: torch.Tensor, prior: torch.Tensor | None = None,

@@ -21,7 +21,7 @@ from .imagetasks import run_image_task
 from .intensity import fit_normalizer
 from .model import InContextUNet
 from .predictor import Predictor
-from .segment import SegmentSettings, VolumeSegmenter, combine_labels
+from .segment import SegmentSettings, VolumeSegmenter, combine_labels, label_dtype
 from .volume import Volume, slice_view
 
 Progress = Callable[[float, str], None]
@@ -79,9 +79,9 @@ def _segment(model, device, image, examples, options, progress, cancel) -> np.nd
     in_volume = all(e.slice_index is not None for e in examples) and not image.is_2d
     mode = options.segment.mode if in_volume else "independent"
     t, m = task_index("segment"), modality_index(options.modality)
-    predictor = Predictor(_adapted(model, device, examples, options, in_volume), device, cancel)
+    predictor = Predictor(_adapted(model, device, examples, options, in_volume, cancel), device, cancel)
     best = np.zeros(slices.shape, np.float16)
-    out = np.zeros(slices.shape, np.uint16 if max(labels) > 255 else np.uint8)
+    out = np.zeros(slices.shape, label_dtype(labels))
     per_label = slices[0].size * slices.shape[0] * 6
     chunk = max(1, min(len(labels), int(free_bytes(torch.device("cpu")) * 0.3 // per_label)))
     for i in range(0, len(labels), chunk):
@@ -102,7 +102,7 @@ def _segment(model, device, image, examples, options, progress, cancel) -> np.nd
     return np.ascontiguousarray(np.moveaxis(out, 0, options.axis))
 
 
-def _adapted(model, device, examples, options, in_volume) -> InContextUNet:
+def _adapted(model, device, examples, options, in_volume, cancel=None) -> InContextUNet:
     """Test-time adaptation on grid crops of the examples (no-op unless asked for)."""
     if options.adapt_steps <= 0 and options.adapt_seconds <= 0:
         return model
@@ -126,7 +126,7 @@ def _adapted(model, device, examples, options, in_volume) -> InContextUNet:
 
     model = model.to(device)
     return adapt(model, images, targets, task_index(options.task), modality_index(options.modality),
-                 options.adapt_steps, options.adapt_seconds, seed=options.seed)
+                 options.adapt_steps, options.adapt_seconds, seed=options.seed, cancel=cancel)
 
 
 def _image_task(model, device, image, examples, options, mask, progress, cancel) -> np.ndarray:
@@ -142,7 +142,7 @@ def _image_task(model, device, image, examples, options, mask, progress, cancel)
         holes = slice_view(mask.array != 0, options.axis)
         if not holes.any():
             raise InputError("the inpainting mask is empty: mark the region to fill with non-zero voxels")
-    predictor = Predictor(_adapted(model, device, examples, options, False), device, cancel)
+    predictor = Predictor(_adapted(model, device, examples, options, False, cancel), device, cancel)
     out = run_image_task(predictor, slices, examples, task_index(options.task),
                          modality_index(options.modality), in_norm, out_norm, holes, progress)
     progress(1.0, "done")

@@ -7,8 +7,13 @@ so a registry entry cannot drift from its weights.
 from __future__ import annotations
 
 import json
+import os
+import platform
 import sys
 from pathlib import Path
+
+import numpy as np
+import torch
 
 from safetensors.torch import load_file
 
@@ -37,6 +42,21 @@ def publish(run_dir: Path, model_id: str, title: str, card: str, default: bool =
         registry["default"] = model_id
     registry_path.write_text(json.dumps(registry, indent=2) + "\n")
     return entry
+
+
+def training_summary(run_dir: Path) -> str:
+    """Steps, wall time and final losses read from the run's CSV log (never typed by hand)."""
+    rows = [r.split(",") for r in (run_dir / "log.csv").read_text().splitlines() if r]
+    last = rows[-50:]
+    mean = lambda col: np.mean([float(r[col]) for r in last if r[col] != ""])
+    return (f"{int(rows[-1][0])} steps in {float(rows[-1][1]) / 60:.0f} minutes of wall time; mean loss "
+            f"over the last 50 steps: segmentation (Dice + BCE) {mean(4):.3f}, image tasks (L1) {mean(5):.4f}")
+
+
+def hardware() -> str:
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                if l.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()}, torch {torch.__version__}"
 
 
 if __name__ == "__main__":

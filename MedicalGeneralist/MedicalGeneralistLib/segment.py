@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .examples import Example
-from .grid import Box, box_around, from_grid, full_box, to_grid
+from .grid import Box, box_around, from_grid, full_box, structure_width, to_grid, working_side
 from .intensity import Normalizer
 from .model import ContextCache
 from .predictor import Predictor, stack_caches
@@ -70,9 +70,17 @@ class VolumeSegmenter:
         self.examples, self.labels, self.in_volume = examples, labels, in_volume
         self.s = settings
         self.progress = progress
-        self.grid = predictor.model.config.grid
         self.task, self.modality = task, modality
+        self.grid = predictor.model.config.grid if in_volume else self._whole_image_side()
         self.cache = self._encode_prompt()
+
+    def _whole_image_side(self) -> int:
+        """Without in-volume neighbours the whole image is the box: sample it finely enough that
+        thin structures (vessels) keep a few pixels of width on the grid."""
+        grid = self.p.model.config.grid
+        fractions = [structure_width(e.target == v) / max(e.target.shape) for e in self.examples
+                     for v in self.labels]
+        return working_side(fractions, max(self.slices.shape[1:]), grid, multiple=self.p.model.config.multiple)
 
     def _box(self, mask: np.ndarray, fallback: Box) -> Box:
         if not self.in_volume:
@@ -200,5 +208,9 @@ def combine_labels(probs: np.ndarray, labels: list[int], threshold: float) -> np
     best = np.argmax(probs, axis=0)
     top = np.take_along_axis(probs, best[None], 0)[0]
     values = np.asarray(labels)[best]
-    dtype = np.uint8 if max(labels) < 256 else np.uint16 if max(labels) < 65536 else np.int32
-    return np.where(top >= threshold, values, 0).astype(dtype)
+    return np.where(top >= threshold, values, 0).astype(label_dtype(labels))
+
+
+def label_dtype(labels: list[int]) -> type:
+    """The smallest integer type that holds every label value (never wraps a large label)."""
+    return np.uint8 if max(labels) < 256 else np.uint16 if max(labels) < 65536 else np.int32

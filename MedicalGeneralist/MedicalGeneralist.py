@@ -1,0 +1,707 @@
+"""MedicalGeneralist: propagate a few labelled slices through a volume, or denoise, inpaint and
+synthesize from example pairs, with an in-context image-to-image model, inside 3D Slicer.
+
+The work is split so that the GUI never freezes and never loses the user's data: the Widget
+records example slices and reads the scene (main thread), the engine runs on a worker thread
+(torch only, no Qt or MRML), and results are written as NEW nodes or NEW segments on the main
+thread only after the engine finished. The MRML <-> numpy code lives in
+MedicalGeneralistLib/slicer_io.py and slicer_run.py, which are tested headlessly with pytest.
+"""
+
+import importlib.util
+import logging
+import os
+from typing import Annotated, Optional
+
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import Choice, Default, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
+TORCH_REQUIREMENT = ">=2.2"
+# (pip requirement, import name): what the engine needs besides torch. Slicer's own numpy,
+# SimpleITK and vtk are never reinstalled: they are built for Slicer (SimpleITK carries
+# Slicer's IO), so they are skipped as dependencies and monai goes in without its deps.
+PIP_REQUIREMENTS = [("monai>=1.4", "monai"), ("safetensors>=0.4", "safetensors"),
+                    ("huggingface_hub>=0.24", "huggingface_hub"), ("jsonschema>=4.20", "jsonschema"),
+                    ("scipy>=1.10", "scipy")]
+PROTECTED_PACKAGES = ["torch", "numpy", "SimpleITK", "vtk"]
+ANATOMICAL = {0: _("sagittal"), 1: _("coronal"), 2: _("axial")}
+
+
+def configureResources() -> None:
+    """Point the engine at the registry, weights and sample data installed with the module.
+
+    In the source tree the engine finds the top-level Resources/ itself; in an installed
+    extension those files sit in the module's Resources/ folder (see CMakeLists.txt).
+    """
+    installed = os.path.join(MODULE_DIR, "Resources")
+    if "MEDGEN_RESOURCES" not in os.environ and os.path.isfile(os.path.join(installed, "Models.json")):
+        os.environ["MEDGEN_RESOURCES"] = installed
+
+
+#
+# MedicalGeneralist
+#
+
+
+class MedicalGeneralist(ScriptedLoadableModule):
+    """Module metadata; see the widget for the workflow."""
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("Medical Generalist")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["MedicalGeneralist contributors"]
+        self.parent.helpText = _("""
+Label a few slices, and an in-context model does the rest of the volume: propagate segments from
+example slices (of this volume, or of another patient), or denoise, inpaint and synthesize a
+contrast from example pairs. Pick the examples with <b>Add current slice</b> in the Red, Yellow or
+Green view, choose the segments and press <b>Run</b>. Results always go to a new segmentation or
+volume, or to new segments of a chosen segmentation: nothing you drew is overwritten.
+See the <a href="https://github.com/medicalgeneralist/SlicerMedicalGeneralist">documentation</a>.
+Research software: not for clinical use.
+""")
+        self.parent.acknowledgementText = _("""
+Developed by the MedicalGeneralist contributors. Built on PyTorch and MONAI. The sample data is
+derived from the MNI ICBM152 2009a template (Fonov et al., NeuroImage 2011; Copyright (C)
+1993-2009 Louis Collins, McConnell Brain Imaging Centre, Montreal Neurological Institute).
+""")
+        configureResources()
+
+
+#
+# MedicalGeneralistParameterNode
+#
+
+
+@parameterNodeWrapper
+class MedicalGeneralistParameterNode:
+    """The panel's state, saved with the scene.
+
+    examples: (volume, numpy axis, slice index, target node) per row of the examples table.
+    excludedSegments: segments left unticked (so segments added later are included by default).
+    model: a registry id ("" for the default) or "local" for modelPath.
+    """
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    task: Annotated[str, Choice(["segment", "denoise", "inpaint", "synthesize"]), Default("segment")]
+    modality: Annotated[str, Choice(["auto", "ct", "mr", "xray", "us", "other"]), Default("auto")]
+    model: str
+    modelPath: str
+    device: Annotated[str, Choice(["auto", "cuda", "cpu"]), Default("auto")]
+    view: Annotated[str, Choice(["Red", "Yellow", "Green"]), Default("Red")]
+    exampleSegmentation: vtkMRMLSegmentationNode
+    exampleTargetVolume: vtkMRMLScalarVolumeNode
+    examples: list[tuple[vtkMRMLScalarVolumeNode, int, int, vtkMRMLNode]]
+    excludedSegments: list[str]
+    maskSegmentation: vtkMRMLSegmentationNode
+    rangeMode: Annotated[str, Choice(["whole", "between", "around"]), Default("whole")]
+    rangeSlices: Annotated[int, WithinRange(0, 500), Default(10)]
+    propagationMode: Annotated[str, Choice(["propagate", "independent"]), Default("propagate")]
+    adaptSteps: Annotated[int, WithinRange(0, 500), Default(0)]
+    outputSegmentation: vtkMRMLSegmentationNode
+
+
+#
+# Dependencies
+#
+
+
+def missingDependencies() -> list[str]:
+    """Import names that are not installed yet (torch included)."""
+    names = ["torch"] + [module for _req, module in PIP_REQUIREMENTS]
+    return [name for name in names if importlib.util.find_spec(name) is None]
+
+
+def ensureDependencies(askConfirmation: bool = True) -> None:
+    """Install what is missing, once, on the main thread (the installers show Qt dialogs).
+
+    torch comes from the PyTorch extension, which picks the CUDA build that matches the driver;
+    the rest from pip. Raises with a message that says what to do when something stays missing.
+    """
+    if not missingDependencies():
+        return
+    if importlib.util.find_spec("torch") is None:
+        _installTorch(askConfirmation)
+    missing = [req for req, module in PIP_REQUIREMENTS if importlib.util.find_spec(module) is None]
+    if missing:
+        _pipInstall(missing, askConfirmation)
+    still = missingDependencies()
+    if still:
+        raise RuntimeError(_("These Python packages are still missing: {names}. Install them from the "
+                             "Python console, e.g. slicer.util.pip_install('{reqs}'), then restart Slicer.")
+                           .format(names=", ".join(still), reqs=" ".join(r for r, _m in PIP_REQUIREMENTS)))
+
+
+def _installTorch(askConfirmation: bool) -> None:
+    try:
+        import PyTorchUtils
+    except ImportError as error:
+        raise RuntimeError(_("PyTorch is needed. Install the 'PyTorch' extension from the Extensions "
+                             "Manager, restart Slicer and try again.")) from error
+    torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+    if not torchLogic.torchInstalled():
+        if torchLogic.installTorch(askConfirmation=askConfirmation, torchVersionRequirement=TORCH_REQUIREMENT) is None:
+            raise RuntimeError(_("PyTorch was not installed. Install it from the PyTorch Util module, "
+                                 "then run again."))
+
+
+def _pipInstall(requirements: list[str], askConfirmation: bool) -> None:
+    """slicer.packaging.pip_ensure where it exists (Slicer 5.11+), else slicer.util.pip_install."""
+    try:
+        from slicer import packaging
+        pipEnsure = packaging.pip_ensure
+    except (ImportError, AttributeError):
+        pipEnsure = None
+    if pipEnsure is not None:
+        try:
+            pipEnsure(requirements, requester="MedicalGeneralist", skip_packages=PROTECTED_PACKAGES)
+        except TypeError:  # an early pip_ensure without skip_packages
+            pipEnsure(requirements, requester="MedicalGeneralist")
+        return
+    if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+            _("MedicalGeneralist needs these Python packages: {reqs}. Install them now?")
+            .format(reqs=", ".join(requirements))):
+        raise RuntimeError(_("The Python packages were not installed, so the model cannot run."))
+    noDeps = [r for r in requirements if r.startswith("monai")]  # monai's only deps: torch, numpy
+    if noDeps:
+        slicer.util.pip_install(" ".join(noDeps) + " --no-deps")
+    rest = [r for r in requirements if r not in noDeps]
+    if rest:
+        slicer.util.pip_install(" ".join(rest))
+
+
+#
+# MedicalGeneralistWidget
+#
+
+
+class MedicalGeneralistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The panel: examples table, options, Run/Cancel and progress; polls the worker with a timer."""
+
+    LOCAL_MODEL = "local"
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._job = None
+        self._discardResult = False
+        self._updating = False
+        self._cudaText = None
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/MedicalGeneralist.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = MedicalGeneralistLogic()
+        self._timer = qt.QTimer()
+        self._timer.setInterval(100)
+        self._timer.timeout.connect(self.onPoll)
+
+        self.ui.examplesTableWidget.setHorizontalHeaderLabels([_("Volume"), _("Direction"), _("Slice"), _("Target")])
+        self.ui.examplesTableWidget.horizontalHeader().setStretchLastSection(True)
+        self.ui.progressBar.hide()
+        self._fillModelComboBox()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.addExampleButton.connect("clicked(bool)", self.onAddExample)
+        self.ui.removeExampleButton.connect("clicked(bool)", self.onRemoveExample)
+        self.ui.clearExamplesButton.connect("clicked(bool)", self.onClearExamples)
+        self.ui.jumpToExampleButton.connect("clicked(bool)", self.onJumpToExample)
+        self.ui.examplesTableWidget.connect("cellDoubleClicked(int,int)", lambda row, column: self.onJumpToExample())
+        self.ui.segmentsListWidget.connect("itemChanged(QListWidgetItem*)", self.onSegmentTicked)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathChanged)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        """Called when the application closes: stop a running job, drop observers."""
+        self._cancelJob(discard=True)
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        self.setParameterNode(None)  # a running job keeps running; its result is still written
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self._cancelJob(discard=True)
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    # -- parameter node ------------------------------------------------------------------------
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            firstVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolume:
+                self._parameterNode.inputVolume = firstVolume
+
+    def setParameterNode(self, inputParameterNode: Optional[MedicalGeneralistParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+            self.updateGUIFromParameterNode()
+
+    def updateGUIFromParameterNode(self, caller=None, event=None) -> None:
+        """Everything the bindings cannot do: table, segment list, task-specific rows, warnings."""
+        p = self._parameterNode
+        if p is None or self._updating:
+            return
+        self._updating = True
+        try:
+            self._showTaskRows(p.task)
+            self._fillExamplesTable(p)
+            self._fillSegmentsList(p)
+            self._selectModel(p)
+            self._updateDeviceWarning(p.device)
+            self._updateApplyButton(p)
+        finally:
+            self._updating = False
+
+    def _showTaskRows(self, task: str) -> None:
+        segment, inpaint = task == "segment", task == "inpaint"
+        for name in ("exampleSegmentationLabel", "exampleSegmentationSelector", "segmentsLabel",
+                     "segmentsListWidget", "outputSegmentationLabel", "outputSegmentationSelector",
+                     "propagationModeLabel", "propagationModeComboBox"):
+            getattr(self.ui, name).setVisible(segment)
+        for name in ("exampleTargetVolumeLabel", "exampleTargetVolumeSelector", "outputVolumeLabel"):
+            getattr(self.ui, name).setVisible(not segment)
+        for name in ("maskSegmentationLabel", "maskSegmentationSelector"):
+            getattr(self.ui, name).setVisible(inpaint)
+
+    def _fillExamplesTable(self, p) -> None:
+        table = self.ui.examplesTableWidget
+        table.setRowCount(len(p.examples))
+        for row, (volume, axis, index, target) in enumerate(p.examples):
+            cells = [volume.GetName() if volume else _("(deleted)"), self._directionName(volume, axis),
+                     str(index), target.GetName() if target else _("(deleted)")]
+            for column, text in enumerate(cells):
+                table.setItem(row, column, qt.QTableWidgetItem(text))
+
+    @staticmethod
+    def _directionName(volume, axis: int) -> str:
+        """'axial' etc. from the volume's geometry, so rows read the way the user thinks."""
+        if volume is None:
+            return str(axis)
+        from MedicalGeneralistLib import slicer_io
+
+        try:
+            directions = slicer_io.ijk_to_world(volume)[:3, :3]
+        except Exception:  # e.g. a non-linear transform: the run will explain it
+            return str(axis)
+        return ANATOMICAL[int(abs(directions[:, 2 - axis]).argmax())]
+
+    @staticmethod
+    def _segmentSource(p):
+        """Segments are listed from the first example's labels (what the run reads first)."""
+        return MedicalGeneralistLogic.segmentSource(p) or p.exampleSegmentation
+
+    def _fillSegmentsList(self, p) -> None:
+        from MedicalGeneralistLib import slicer_io
+
+        listWidget = self.ui.segmentsListWidget
+        listWidget.clear()
+        source = self._segmentSource(p)
+        for name in slicer_io.segment_names(source) if source else []:
+            item = qt.QListWidgetItem(name)
+            item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
+            ticked = name not in p.excludedSegments
+            item.setCheckState(qt.Qt.Checked if ticked else qt.Qt.Unchecked)
+            listWidget.addItem(item)
+
+    def onSegmentTicked(self, item) -> None:
+        if self._updating or self._parameterNode is None:
+            return
+        listWidget = self.ui.segmentsListWidget
+        items = [listWidget.item(i) for i in range(listWidget.count)]
+        self._parameterNode.excludedSegments = [i.text() for i in items if i.checkState() != qt.Qt.Checked]
+
+    def _updateApplyButton(self, p) -> None:
+        if self._job is not None:
+            return
+        problem = None
+        if not p.inputVolume:
+            problem = _("Select an input volume.")
+        elif p.task == "inpaint" and not p.maskSegmentation:
+            problem = _("Select the segmentation that marks the region to fill.")
+        elif p.task != "inpaint" and not p.examples:
+            problem = _("Add at least one example slice.")
+        self.ui.applyButton.enabled = problem is None
+        self.ui.applyButton.toolTip = problem or _("Run the task; turns into Cancel while running.")
+
+    # -- model and device ----------------------------------------------------------------------
+    def _fillModelComboBox(self) -> None:
+        combo = self.ui.modelComboBox
+        combo.clear()
+        try:
+            from MedicalGeneralistLib import weights  # imports torch: may be missing before setup
+
+            for entry in weights.list_models():
+                state = "" if entry.get("available") else _(" (downloads on first use)")
+                combo.addItem(f"{entry.get('title', entry['id'])}{state}", "" if entry.get("default") else entry["id"])
+        except Exception as error:  # missing torch or registry: the default model still works
+            logging.info(f"MedicalGeneralist: model list unavailable ({error})")
+            combo.addItem(_("Bundled default model"), "")
+        combo.addItem(_("Local checkpoint file..."), self.LOCAL_MODEL)
+
+    def _selectModel(self, p) -> None:
+        combo = self.ui.modelComboBox
+        index = combo.findData(p.model)
+        combo.setCurrentIndex(index if index >= 0 else 0)
+        local = combo.itemData(combo.currentIndex) == self.LOCAL_MODEL
+        self.ui.modelPathLabel.setVisible(local)
+        self.ui.modelPathLineEdit.setVisible(local)
+        if self.ui.modelPathLineEdit.currentPath != p.modelPath:
+            self.ui.modelPathLineEdit.currentPath = p.modelPath
+
+    def onModelChanged(self, index: int) -> None:
+        if not self._updating and self._parameterNode is not None:
+            self._parameterNode.model = self.ui.modelComboBox.itemData(index) or ""
+
+    def onModelPathChanged(self, path: str) -> None:
+        if not self._updating and self._parameterNode is not None:
+            self._parameterNode.modelPath = path
+
+    def _updateDeviceWarning(self, device: str) -> None:
+        """A visible line whenever the run will be on the CPU (or cannot use the chosen GPU)."""
+        cuda = self._cudaStatus()
+        label = self.ui.deviceWarningLabel
+        if cuda is None:
+            text = _("PyTorch is not installed yet: it is installed (through the PyTorch extension) on the first Run.")
+        elif device == "cuda" and not cuda:
+            text = _("<b>CUDA was selected but this PyTorch has no usable GPU</b>: the run will fail. "
+                     "Choose auto or CPU, or install a CUDA build with the PyTorch Util module.")
+        elif device == "cpu" or not cuda:
+            text = _("Running on the <b>CPU</b>: expect seconds per slice.")
+            if device == "auto":
+                text += " " + _("No CUDA GPU was found; a CUDA build of PyTorch (PyTorch Util module) would be faster.")
+        else:
+            text = ""
+        label.text = text
+        label.setVisible(bool(text))
+
+    def _cudaStatus(self) -> Optional[bool]:
+        """None when torch is missing; importing torch is slow, so the answer is kept."""
+        if self._cudaText is None:
+            if importlib.util.find_spec("torch") is None:
+                return None
+            import torch
+
+            self._cudaText = "yes" if torch.cuda.is_available() else "no"
+        return self._cudaText == "yes"
+
+    # -- examples ------------------------------------------------------------------------------
+    def _sliceWidget(self):
+        view = self._parameterNode.view
+        sliceWidget = slicer.app.layoutManager().sliceWidget(view)
+        if sliceWidget is None:
+            raise ValueError(_("There is no {view} view in the current layout: choose another view or layout.").format(view=view))
+        return sliceWidget
+
+    def onAddExample(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Could not add the example slice."), waitCursor=True):
+            p = self._parameterNode
+            sliceWidget = self._sliceWidget()
+            volume = self._backgroundVolume(sliceWidget) or p.inputVolume
+            target = p.exampleSegmentation if p.task == "segment" else p.exampleTargetVolume
+            if target is None:
+                raise ValueError(_("Choose the example labels (segment task) or the example target volume first."))
+            entry = self.logic.exampleFromView(sliceWidget.mrmlSliceNode(), volume, target)
+            if any(tuple(e) == entry for e in p.examples):
+                raise ValueError(_("This slice is already an example."))
+            p.examples.append(entry)
+
+    @staticmethod
+    def _backgroundVolume(sliceWidget):
+        volumeId = sliceWidget.sliceLogic().GetSliceCompositeNode().GetBackgroundVolumeID()
+        node = slicer.mrmlScene.GetNodeByID(volumeId) if volumeId else None
+        return node if node is not None and node.IsA("vtkMRMLScalarVolumeNode") else None
+
+    def _selectedRow(self) -> int:
+        row = self.ui.examplesTableWidget.currentRow()
+        if row < 0 or row >= len(self._parameterNode.examples):
+            raise ValueError(_("Select an example in the table first."))
+        return row
+
+    def onRemoveExample(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Could not remove the example.")):
+            del self._parameterNode.examples[self._selectedRow()]
+
+    def onClearExamples(self) -> None:
+        self._parameterNode.examples = []
+
+    def onJumpToExample(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Could not show the example slice.")):
+            volume, axis, index, target = self._parameterNode.examples[self._selectedRow()]
+            sliceWidget = self._sliceWidget()
+            sliceWidget.sliceLogic().GetSliceCompositeNode().SetBackgroundVolumeID(volume.GetID())
+            from MedicalGeneralistLib import slicer_io
+
+            slicer_io.show_slice(sliceWidget.mrmlSliceNode(), volume, axis, index)
+
+    # -- running -------------------------------------------------------------------------------
+    def onApplyButton(self) -> None:
+        """Run, or cancel the running job (the button is Cancel while a job runs)."""
+        if self._job is not None:
+            self._cancelJob()
+            return
+        with slicer.util.tryWithErrorDisplay(_("Could not start the run."), waitCursor=True):
+            if missingDependencies():
+                ensureDependencies(askConfirmation=True)
+                self._cudaText = None
+                self._fillModelComboBox()
+            request = self.logic.requestFromParameterNode(self._parameterNode)
+            self._job = self.logic.startBackgroundRun(request)
+            self._discardResult = False
+            self._setRunning(True)
+            self._timer.start()
+
+    def _cancelJob(self, discard: bool = False) -> None:
+        if self._job is None:
+            return
+        self._job.cancel()
+        self._discardResult = self._discardResult or discard
+        self.ui.applyButton.enabled = False
+        self.ui.statusLabel.text = _("Cancelling...")
+
+    def _setRunning(self, running: bool) -> None:
+        for name in ("inputsCollapsibleButton", "examplesCollapsibleButton", "optionsCollapsibleButton",
+                     "outputCollapsibleButton"):
+            getattr(self.ui, name).enabled = not running
+        self.ui.applyButton.text = _("Cancel") if running else _("Run")
+        self.ui.applyButton.enabled = True
+        self.ui.progressBar.setVisible(running)
+        self.ui.progressBar.value = 0
+        if not running and self._parameterNode is not None:
+            self._updateApplyButton(self._parameterNode)
+
+    def onPoll(self) -> None:
+        """Timer tick on the main thread: show progress; write the result once the worker is done."""
+        job = self._job
+        if job is None:
+            self._timer.stop()
+            return
+        self.ui.progressBar.value = int(100 * job.fraction)
+        self.ui.statusLabel.text = job.message
+        if not job.done:
+            return
+        self._timer.stop()
+        self._job = None
+        self._setRunning(False)
+        self._finish(job)
+
+    def _finish(self, job) -> None:
+        from MedicalGeneralistLib.errors import MedGenError
+
+        if job.error is not None:
+            self.ui.statusLabel.text = _("Failed: nothing was written.")
+            isUserError = isinstance(job.error, MedGenError)
+            slicer.util.errorDisplay(str(job.error) if isUserError else _("The run failed: {error}").format(error=job.error),
+                                     detailedText=None if isUserError else job.details)
+            return
+        if job.result is None or self._discardResult:
+            self.ui.statusLabel.text = _("Cancelled: nothing was changed.")
+            return
+        with slicer.util.tryWithErrorDisplay(_("Could not write the result."), waitCursor=True):
+            node = self.logic.write(job.prepared, job.result)
+            self._show(node)
+            self.ui.statusLabel.text = _("Done: results are in '{name}'.").format(name=node.GetName())
+
+    @staticmethod
+    def _show(node) -> None:
+        if node.IsA("vtkMRMLSegmentationNode"):
+            node.CreateDefaultDisplayNodes()
+            node.GetDisplayNode().SetVisibility(True)
+        else:
+            slicer.util.setSliceViewerLayers(foreground=node, foregroundOpacity=0.5)
+
+
+#
+# MedicalGeneralistLogic
+#
+
+
+class MedicalGeneralistLogic(ScriptedLoadableModuleLogic):
+    """Computation without GUI: scripts and tests call `process`; the widget uses the three steps.
+
+    The engine is imported inside the methods: it needs torch, which may be installed only
+    after the module loaded.
+    """
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        configureResources()
+
+    def getParameterNode(self):
+        return MedicalGeneralistParameterNode(super().getParameterNode())
+
+    @staticmethod
+    def exampleFromView(sliceNode, volume, target) -> tuple:
+        """(volume, axis, index, target) of the slice a view shows; oblique views are refused."""
+        from MedicalGeneralistLib import slicer_io
+
+        axis, index = slicer_io.slice_axis_index(sliceNode, volume)
+        return (volume, axis, index, target)
+
+    @staticmethod
+    def segmentSource(p):
+        """The first example's segmentation: its segments, in its order, are the ones run."""
+        return next((target for _v, _a, _i, target in p.examples
+                     if target is not None and target.IsA("vtkMRMLSegmentationNode")), None)
+
+    @staticmethod
+    def requestFromParameterNode(p):
+        from MedicalGeneralistLib import slicer_io
+        from MedicalGeneralistLib.slicer_run import RunRequest
+
+        model = p.modelPath if p.model == MedicalGeneralistWidget.LOCAL_MODEL else (p.model or None)
+        if p.model == MedicalGeneralistWidget.LOCAL_MODEL and not p.modelPath:
+            raise ValueError(_("Choose the local checkpoint file (model.safetensors) first."))
+        names = None
+        source = MedicalGeneralistLogic.segmentSource(p)
+        if p.task == "segment" and source is not None and p.excludedSegments:
+            names = [n for n in slicer_io.segment_names(source) if n not in p.excludedSegments]
+            if not names:
+                raise ValueError(_("Tick at least one segment to propagate."))
+        examples = [slicer_io.ExampleSlice(*e) for e in p.examples]
+        return RunRequest(
+            input_volume=p.inputVolume, task=p.task, examples=examples, segment_names=names, model=model,
+            device=p.device, modality=p.modality, range_mode=p.rangeMode, range_slices=p.rangeSlices,
+            mode=p.propagationMode, adapt_steps=p.adaptSteps,
+            output_segmentation=p.outputSegmentation if p.task == "segment" else None,
+            mask_segmentation=p.maskSegmentation if p.task == "inpaint" else None)
+
+    @staticmethod
+    def startBackgroundRun(request):
+        """Read the scene now (main thread), then run the engine on a worker thread."""
+        from MedicalGeneralistLib import slicer_run
+
+        return slicer_run.BackgroundRun(slicer_run.prepare(request), request.model).start()
+
+    @staticmethod
+    def write(prepared, result):
+        from MedicalGeneralistLib import slicer_run
+
+        return slicer_run.write(prepared, result)
+
+    def process(self, inputVolume, task: str = "segment", examples=(), progress=None, cancel=None, **options):
+        """Blocking run: the new (or extended) node, or None if cancelled (then nothing changed).
+
+        examples: (volume, numpy axis, slice index, target) tuples; options: the fields of
+        slicer_run.RunRequest (segment_names, model, device, modality, range_mode, ...).
+        """
+        from MedicalGeneralistLib import slicer_io, slicer_run
+
+        rows = [e if isinstance(e, slicer_io.ExampleSlice) else slicer_io.ExampleSlice(*e) for e in examples]
+        request = slicer_run.RunRequest(inputVolume, task, rows, **options)
+        return slicer_run.process(request, progress=progress, cancel=cancel)
+
+
+#
+# MedicalGeneralistTest
+#
+
+
+class MedicalGeneralistTest(ScriptedLoadableModuleTest):
+    """Runs in the Slicer application (CTest: py_MedicalGeneralist) on the bundled sample."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_PropagateFromTwoSlices()
+        self.setUp()
+        self.test_CancelLeavesSceneUnchanged()
+
+    def _sample(self):
+        ensureDependencies(askConfirmation=not slicer.app.testingEnabled())
+        from MedicalGeneralistLib.weights import resources_root
+
+        root = resources_root() / "SampleData"
+        volume = slicer.util.loadVolume(str(root / "mni152_t1_2mm.nii.gz"))
+        labels = slicer.util.loadLabelVolume(str(root / "mni152_tissue_2mm.nii.gz"))
+        seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "tissue")
+        seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+        self.assertTrue(slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labels, seg))
+        for i, name in enumerate(["grey matter", "white matter"]):
+            seg.GetSegmentation().GetNthSegment(i).SetName(name)
+        slicer.mrmlScene.RemoveNode(labels)
+        return volume, seg
+
+    def _examplesFromRedView(self, volume, seg, indices):
+        """Add examples the way the button does: through the Red view's real slice node."""
+        from MedicalGeneralistLib import slicer_io
+
+        sliceWidget = slicer.app.layoutManager().sliceWidget("Red")
+        sliceNode = sliceWidget.mrmlSliceNode()
+        sliceNode.SetOrientation("Axial")
+        sliceNode.RotateToVolumePlane(volume)
+        ijkToRas = slicer_io.ijk_to_ras(volume)
+        examples = []
+        for k in indices:
+            sliceNode.JumpSliceByCentering(*(ijkToRas @ [38, 47, k, 1])[:3])
+            examples.append(MedicalGeneralistLogic.exampleFromView(sliceNode, volume, seg))
+            self.assertEqual(examples[-1][1:3], (0, k))
+        return examples
+
+    def test_PropagateFromTwoSlices(self):
+        self.delayDisplay("Propagating grey and white matter from two axial slices")
+        import numpy as np
+        from MedicalGeneralistLib import slicer_io
+
+        volume, seg = self._sample()
+        examples = self._examplesFromRedView(volume, seg, [36, 42])
+        logic = MedicalGeneralistLogic()
+        out = logic.process(volume, "segment", examples, range_mode="between", device="auto")
+        self.assertIsNotNone(out)
+        self.assertEqual(slicer_io.segment_names(out), ["grey matter", "white matter"])
+        geometry = out.GetNodeReference(out.GetReferenceImageGeometryReferenceRole())
+        self.assertEqual(geometry.GetID(), volume.GetID())
+        masks = slicer_io.segment_masks(out, ["grey matter", "white matter"], volume)
+        truth = slicer_io.segment_masks(seg, ["grey matter", "white matter"], volume)
+        for name in masks:
+            self.assertTrue(np.array_equal(masks[name][36], truth[name][36]))
+            self.assertFalse(masks[name][:36].any() or masks[name][43:].any())
+            self.assertTrue(masks[name][37:42].any())
+        self.delayDisplay("Test passed")
+
+    def test_CancelLeavesSceneUnchanged(self):
+        self.delayDisplay("Cancelling a run")
+        volume, seg = self._sample()
+        examples = self._examplesFromRedView(volume, seg, [40])
+        before = [slicer.mrmlScene.GetNthNode(i).GetID() for i in range(slicer.mrmlScene.GetNumberOfNodes())]
+        out = MedicalGeneralistLogic().process(volume, "segment", examples, cancel=lambda: True)
+        self.assertIsNone(out)
+        after = [slicer.mrmlScene.GetNthNode(i).GetID() for i in range(slicer.mrmlScene.GetNumberOfNodes())]
+        self.assertEqual(before, after)
+        self.delayDisplay("Test passed")

@@ -1,0 +1,274 @@
+"""One run of the engine from inside Slicer: read the scene, compute off the GUI thread, write.
+
+Split in three so that the GUI can stay responsive and a cancelled run cannot leave anything
+behind: `prepare` reads MRML into numpy on the main thread (a snapshot: later edits in the scene
+do not race with the run); `compute` only touches numpy and torch, so it may run on a worker
+thread (`BackgroundRun`); `write` creates the result nodes on the main thread, and only after the
+engine finished. `process` chains the three for scripts and tests (the module Logic's `process`).
+No Qt and no `slicer.app` here, so the pytest suite runs it on a headless MRML scene.
+"""
+
+from __future__ import annotations
+
+import threading
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import slicer_io as io
+from .config import IMAGE_TASKS, MODALITIES, TASKS
+from .errors import InputError
+from .examples import inpaint_self_examples
+from .intensity import guess_modality
+from .pipeline import RunOptions, run
+from .segment import SegmentSettings
+from .volume import Volume, anatomical_axis
+
+Progress = Callable[[float, str], None]
+RANGE_MODES = ("whole", "between", "around")
+RESULT_SUFFIX = {"segment": "segmentation", "denoise": "denoised", "inpaint": "inpainted",
+                 "synthesize": "synthesized"}
+
+
+@dataclass
+class RunRequest:
+    """Everything the panel (or a script) asks for; node fields hold MRML nodes."""
+
+    input_volume: io.MRMLNode
+    task: str
+    examples: Sequence[io.ExampleSlice] = ()
+    segment_names: Sequence[str] | None = None  # None: every segment of the first example's target
+    model: str | None = None  # registry id, local path or hf:// spec; None: the shipped default
+    device: str = "auto"
+    modality: str = "auto"
+    range_mode: str = "whole"  # whole volume / between the labelled slices / N slices around them
+    range_slices: int = 10
+    mode: str = "propagate"
+    adapt_steps: int = 0
+    output_segmentation: io.MRMLNode | None = None  # None: a NEW segmentation node
+    mask_segmentation: io.MRMLNode | None = None  # inpainting: all its segments mark the holes
+    threads: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class PreparedRun:
+    """A numpy snapshot of the request: all that `compute` needs, no MRML access."""
+
+    request: RunRequest
+    image: Volume  # the query, cropped to the range along options.axis
+    full_shape: tuple[int, ...]
+    offset: int  # first slice of the crop along options.axis
+    groups: list[io.ExampleGroup]
+    options: RunOptions
+    mask: Volume | None = None
+    colors: dict[str, tuple[float, float, float]] = field(default_factory=dict)
+    input_array: np.ndarray | None = None  # image tasks: voxels kept outside the range
+
+
+@dataclass
+class RunResult:
+    segments: list[tuple[str, np.ndarray]] = field(default_factory=list)  # (name, full-size mask)
+    volume: np.ndarray | None = None  # image tasks: full-size output voxels
+
+
+# -- main thread: read -------------------------------------------------------------------------
+def prepare(request: RunRequest) -> PreparedRun:
+    """Check the request and read the scene; every mistake is reported here, before the model runs."""
+    _check_request(request)
+    node = request.input_volume
+    full = io.node_to_volume(node, "input volume")
+    entries = list(request.examples)
+    if request.task == "inpaint" and not entries:
+        axis, own = anatomical_axis("axial", full), []  # self-made examples: axial slices
+    else:
+        axis, own = io.run_axis(entries, node, full)
+    if full.is_2d:
+        axis = 0
+    lo, hi = _span(request, own, full.shape[axis])
+    image = full if (lo, hi) == (0, full.shape[axis] - 1) else Volume(
+        io.crop_along(full.array, axis, lo, hi - lo + 1), full.spacing, full.origin, full.direction, full.is_2d)
+    modality = guess_modality(full.array) if request.modality == "auto" else request.modality
+    options = RunOptions(request.task, axis, modality, request.device, request.threads, request.seed,
+                         request.adapt_steps, segment=SegmentSettings(mode=request.mode))
+    mask = _mask(request, full, axis, lo, image.shape[axis])
+    if entries:
+        gathered = io.gather_examples(entries, node, image, axis, request.task, modality,
+                                      request.segment_names, offset=lo)
+        groups, colors = gathered.groups, gathered.colors
+    else:
+        groups, colors = [io.ExampleGroup(inpaint_self_examples(image, mask, axis, modality))], {}
+    return PreparedRun(request, image, full.shape, lo, groups, options, mask, colors,
+                       full.array if request.task in IMAGE_TASKS else None)
+
+
+def _check_request(r: RunRequest) -> None:
+    if r.task not in TASKS:
+        raise InputError(f"unknown task {r.task!r}: choose one of {', '.join(TASKS)}")
+    if r.modality != "auto" and r.modality not in MODALITIES:
+        raise InputError(f"unknown modality {r.modality!r}: choose auto or one of {', '.join(MODALITIES)}")
+    if r.range_mode not in RANGE_MODES:
+        raise InputError(f"unknown range {r.range_mode!r}: choose one of {', '.join(RANGE_MODES)}")
+    if r.range_slices < 0 or r.adapt_steps < 0:
+        raise InputError("the slice count and adaptation steps cannot be negative")
+    io.check_scalar_volume(r.input_volume, "input volume")
+    if r.task == "inpaint" and r.mask_segmentation is None:
+        raise InputError("inpainting needs a mask: choose a segmentation whose segments cover the region to fill")
+    if r.task != "inpaint" and not r.examples:
+        raise InputError("no example slices yet: show a labelled slice in a view and click 'Add current slice'")
+    out = r.output_segmentation
+    if out is not None and not out.IsA("vtkMRMLSegmentationNode"):
+        raise InputError(f"output '{out.GetName()}' is not a segmentation node")
+
+
+def _span(request: RunRequest, own: list[int], size: int) -> tuple[int, int]:
+    """First and last slice to compute; ranges around examples need examples of the input itself."""
+    if request.range_mode == "whole" or not own:
+        return 0, size - 1
+    pad = request.range_slices if request.range_mode == "around" else 0
+    return max(0, min(own) - pad), min(size - 1, max(own) + pad)
+
+
+def _mask(request: RunRequest, full: Volume, axis: int, lo: int, size: int) -> Volume | None:
+    if request.task != "inpaint":
+        return None
+    holes = io.union_mask(request.mask_segmentation, request.input_volume).astype(np.uint8)
+    if not holes.any():
+        raise InputError(f"the mask segmentation '{request.mask_segmentation.GetName()}' is empty: "
+                         "paint the region to fill")
+    return Volume(io.crop_along(holes, axis, lo, size), full.spacing, full.origin, full.direction, full.is_2d)
+
+
+# -- any thread: compute -----------------------------------------------------------------------
+_MODELS: dict[str, object] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def cached_model(spec: str | None):
+    """Load a model once per session (checksum checked on first load); hub models may download."""
+    from .weights import load_model
+
+    key = spec or "default"
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            _MODELS[key] = load_model(spec, device="cpu")[0]
+        return _MODELS[key]
+
+
+def compute(prepared: PreparedRun, model, progress: Progress | None = None,
+            cancel: Callable[[], bool] | None = None) -> RunResult | None:
+    """Run the engine on the snapshot: numpy and torch only, safe off the main thread.
+
+    Overlap-free segment groups run one after another; None as soon as a run is cancelled.
+    """
+    progress = progress or (lambda f, m: None)
+    groups, axis = prepared.groups, prepared.options.axis
+    result = RunResult()
+    for g, group in enumerate(groups):
+        report = lambda f, m, g=g: progress((g + f) / len(groups), m)
+        out = run(model, prepared.image, group.examples, prepared.options, mask=prepared.mask,
+                  progress=report, cancel=cancel)
+        if out is None:
+            return None
+        full = _uncrop(prepared, out.array, axis)
+        if prepared.options.task == "segment":
+            result.segments += [(name, full == value) for value, name in enumerate(group.names, 1)]
+        else:
+            result.volume = full
+    return result
+
+
+def _uncrop(prepared: PreparedRun, array: np.ndarray, axis: int) -> np.ndarray:
+    """Back to the input's full size: empty labels (or the input's own voxels) outside the range."""
+    if array.shape == prepared.full_shape:
+        return array
+    if prepared.input_array is not None:
+        full = prepared.input_array.astype(array.dtype, copy=True)
+    else:
+        full = np.zeros(prepared.full_shape, array.dtype)
+    np.moveaxis(full, axis, 0)[prepared.offset:prepared.offset + array.shape[axis]] = np.moveaxis(array, axis, 0)
+    return full
+
+
+# -- main thread: write ------------------------------------------------------------------------
+def write(prepared: PreparedRun, result: RunResult):
+    """Create the result: a NEW node, or NEW segments in the chosen segmentation. Returns the node."""
+    request = prepared.request
+    node = request.input_volume
+    if node.GetScene() is None or not node.GetScene().IsNodePresent(node):
+        raise InputError("the input volume was removed from the scene during the run: nothing was written")
+    name = f"{node.GetName()} {RESULT_SUFFIX[request.task]}"
+    if request.task in IMAGE_TASKS:
+        return io.new_volume_node(node, result.volume, name)
+    target = request.output_segmentation
+    if target is None or target.GetScene() is None or not target.GetScene().IsNodePresent(target):
+        target = io.new_segmentation_node(node, name)
+    io.add_segments(target, node, [(n, prepared.colors.get(n), mask) for n, mask in result.segments])
+    return target
+
+
+def process(request: RunRequest, model=None, progress: Progress | None = None,
+            cancel: Callable[[], bool] | None = None):
+    """Blocking run for scripts and tests: the written node, or None if cancelled (nothing written)."""
+    prepared = prepare(request)
+    result = compute(prepared, model if model is not None else cached_model(request.model), progress, cancel)
+    return None if result is None else write(prepared, result)
+
+
+# -- background thread -------------------------------------------------------------------------
+class BackgroundRun:
+    """`compute` (and the model load) on a worker thread; the GUI polls it from a timer.
+
+    Only plain attributes cross threads: the worker writes progress and the outcome, the GUI
+    thread reads them and sets the cancel flag. MRML and Qt are never touched by the worker.
+    """
+
+    def __init__(self, prepared: PreparedRun, model_spec: str | None = None, model=None) -> None:
+        self.prepared, self.model_spec, self.model = prepared, model_spec, model
+        self.fraction, self.message = 0.0, "starting"
+        self.result: RunResult | None = None
+        self.error: BaseException | None = None
+        self.details = ""
+        self._cancel = threading.Event()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._work, name="MedicalGeneralist", daemon=True)
+
+    def start(self) -> "BackgroundRun":
+        self._thread.start()
+        return self
+
+    def cancel(self) -> None:
+        self._cancel.set()
+        self.message = "cancelling"
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    def _progress(self, fraction: float, message: str) -> None:
+        self.fraction, self.message = float(fraction), message
+
+    def _work(self) -> None:
+        try:
+            if self.model is None:
+                self._progress(0.0, "loading the model")
+                self.model = cached_model(self.model_spec)
+            if not self._cancel.is_set():
+                self.result = compute(self.prepared, self.model, self._progress, self._cancel.is_set)
+        except BaseException as error:  # reported to the GUI thread, which shows it
+            self.error, self.details = error, traceback.format_exc()
+        finally:
+            self._done.set()
+
+
+__all__ = ["RunRequest", "PreparedRun", "RunResult", "prepare", "compute", "write", "process",
+           "BackgroundRun", "cached_model", "RANGE_MODES"]
