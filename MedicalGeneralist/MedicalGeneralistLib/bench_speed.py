@@ -1,14 +1,23 @@
-"""Speed and memory figures: FLOPs per query slice against k, and whole-volume seconds and peak RSS.
+"""Speed and memory figures: FLOPs per slice against k, and whole-volume seconds and peak memory,
+for this model and for a UniverSeg-sized reference network run through the same harness.
 
 FLOPs are counted by torch's FlopCounterMode (convolutions and matrix products; the per-pair adds
 of the interaction are memory-bound and not counted, their time is in the seconds column). Each
 volume run happens in a fresh child process so its peak RSS is its own, not the benchmark's.
-The volume is real: the shipped MNI152 sample resampled by SimpleITK to the asked size.
+The volume is real: the shipped MNI152 sample resampled by SimpleITK to the asked size, with its
+grey/white-matter labels as the structures (two labels, as a user would segment).
+
+The reference network reproduces UniverSeg's architecture (Butoi et al. 2023: 4 encoder and 3
+decoder CrossBlocks of 64 features, 1.18 M parameters, 128x128 inputs) with random weights: its
+cost does not depend on the weights, and the ratio of the two is measured on one machine in one
+run. Its defining cost is that every support pair meets the query through a 3x3 convolution at
+every level, so nothing can be cached and k pairs cost about k network passes per slice.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -17,11 +26,93 @@ import time
 import numpy as np
 import SimpleITK as sitk
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .model import InContextUNet, count_parameters
 
+UNIVERSEG_SIZE = 128
 
+
+# -- the UniverSeg-sized reference ---------------------------------------------------------------
+class CrossConv2d(nn.Conv2d):
+    """A 3x3 convolution over every (query, support pair) concatenation, as UniverSeg's CrossConv2d."""
+
+    def __init__(self, in_channels: tuple[int, int], out_channels: int) -> None:
+        super().__init__(sum(in_channels), out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x: [B, Sx, Cx, H, W], y: [B, Sy, Cy, H, W] -> [B, Sx, Sy, C, H, W]."""
+        b, sx, sy = x.shape[0], x.shape[1], y.shape[1]
+        xy = torch.cat([x.unsqueeze(2).expand(-1, -1, sy, -1, -1, -1),
+                        y.unsqueeze(1).expand(-1, sx, -1, -1, -1, -1)], dim=3)
+        return super().forward(xy.flatten(0, 2)).unflatten(0, (b, sx, sy))
+
+
+def _per_item(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Apply a 2D module to [B, S, C, H, W] by folding S into the batch."""
+    return conv(x.flatten(0, 1)).unflatten(0, x.shape[:2])
+
+
+class CrossBlock(nn.Module):
+    """Cross-convolution of query and every pair, mean over pairs for the query, convs on both."""
+
+    def __init__(self, in_q: int, in_s: int, features: int) -> None:
+        super().__init__()
+        self.cross = CrossConv2d((in_q, in_s), features)
+        self.target_conv = nn.Conv2d(features, features, 3, padding=1)
+        self.support_conv = nn.Conv2d(features, features, 3, padding=1)
+
+    def forward(self, target: torch.Tensor, support: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inter = F.leaky_relu(self.cross(target, support)).squeeze(1)  # [B, S, C, H, W]
+        target = F.leaky_relu(_per_item(self.target_conv, inter.mean(1, keepdim=True)))
+        support = F.leaky_relu(_per_item(self.support_conv, inter))
+        return target, support
+
+
+class UniverSegReference(nn.Module):
+    """UniverSeg's layout (encoder 4 x 64, decoder 3 x 64, skip connections on both streams)."""
+
+    def __init__(self, features: int = 64, encoder: int = 4, decoder: int = 3) -> None:
+        super().__init__()
+        self.enc = nn.ModuleList(CrossBlock(1 if i == 0 else features, 2 if i == 0 else features, features)
+                                 for i in range(encoder))
+        self.dec = nn.ModuleList(CrossBlock(2 * features, 2 * features, features) for _ in range(decoder))
+        self.out = nn.Conv2d(features, 1, 1)
+
+    def forward(self, query: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """query [B, 1, H, W]; images, labels [B, S, 1, H, W] -> logits [B, 1, H, W]."""
+        target, support = query[:, None], torch.cat([images, labels], 2)
+        skips = []
+        for i, block in enumerate(self.enc):
+            target, support = block(target, support)
+            if i < len(self.enc) - 1:
+                skips.append((target, support))
+                target, support = _pool(target), _pool(support)
+        for block in self.dec:
+            t_skip, s_skip = skips.pop()
+            target = torch.cat([_up(target), t_skip], 2)
+            support = torch.cat([_up(support), s_skip], 2)
+            target, support = block(target, support)
+        return self.out(target[:, 0])
+
+
+def _pool(x: torch.Tensor) -> torch.Tensor:
+    return F.max_pool2d(x.flatten(0, 1), 2).unflatten(0, x.shape[:2])
+
+
+def _up(x: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x.flatten(0, 1), scale_factor=2, mode="bilinear",
+                         align_corners=False).unflatten(0, x.shape[:2])
+
+
+def universeg_reference(seed: int = 0) -> UniverSegReference:
+    torch.manual_seed(seed)
+    return UniverSegReference().eval()
+
+
+# -- per-slice figures ----------------------------------------------------------------------------
 def flops_per_slice(model: InContextUNet, k: int, size: int) -> tuple[float, float]:
     """(GFLOPs of one query slice given a cached context of k pairs, GFLOPs to encode the k pairs)."""
     ci = torch.rand(1, k, 1, size, size)
@@ -33,6 +124,13 @@ def flops_per_slice(model: InContextUNet, k: int, size: int) -> tuple[float, flo
         with FlopCounterMode(display=False) as q:
             model.predict(torch.rand(1, 1, size, size), cache)
     return q.get_total_flops() / 1e9, enc.get_total_flops() / 1e9
+
+
+def universeg_flops(net: UniverSegReference, k: int, size: int = UNIVERSEG_SIZE) -> float:
+    """GFLOPs of one query slice with k support pairs (nothing to cache: all of it per slice)."""
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        net(torch.rand(1, 1, size, size), torch.rand(1, k, 1, size, size), torch.rand(1, k, 1, size, size))
+    return counter.get_total_flops() / 1e9
 
 
 def seconds_per_slice(model: InContextUNet, k: int, size: int, repeats: int = 10) -> float:
@@ -47,6 +145,7 @@ def seconds_per_slice(model: InContextUNet, k: int, size: int, repeats: int = 10
     return (time.perf_counter() - start) / repeats
 
 
+# -- whole volumes in a child process -----------------------------------------------------------
 def resampled_sample(shape: tuple[int, int, int]) -> tuple[sitk.Image, sitk.Image]:
     """The shipped T1 and tissue labels resampled to shape (numpy order z, y, x)."""
     from .weights import resources_root
@@ -61,8 +160,12 @@ def resampled_sample(shape: tuple[int, int, int]) -> tuple[sitk.Image, sitk.Imag
     return img, labels
 
 
-def volume_run(task: str, shape: tuple[int, int, int], k: int, device: str) -> dict:
-    """Child-process body: time one whole-volume run and report its peak RSS."""
+def volume_run(task: str, shape: tuple[int, int, int], k: int, device: str, net: str = "medgen",
+               model: str | None = None, slab: int = 0) -> dict:
+    """Child-process body: time one whole-volume run and report its peak memory.
+
+    `slab` > 0 times only that many central slices and extrapolates to the volume (per-slice cost
+    is the same everywhere for the reference; the flag travels with the figures)."""
     from .examples import pairs_from_volumes
     from .pipeline import RunOptions, run
     from .volume import Volume
@@ -72,32 +175,81 @@ def volume_run(task: str, shape: tuple[int, int, int], k: int, device: str) -> d
     vol = Volume(sitk.GetArrayFromImage(img), img.GetSpacing(), img.GetOrigin(), img.GetDirection())
     labels = vol.with_array(sitk.GetArrayFromImage(lab))
     n = shape[0]
-    idx = [int(v) for v in np.linspace(n * 0.2, n * 0.8, k)]
-    model, _ = load_model()
-    start = time.perf_counter()
-    if task == "segment":
-        examples = pairs_from_volumes(vol, labels, 0, idx, "segment", "mr", own=True)
+    idx = sorted({int(round(v)) for v in np.linspace(n * 0.1, n * 0.9 - 1, k)})
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    if net == "universeg":
+        reference = universeg_reference()
+        start = time.perf_counter()
+        done = _universeg_volume(reference, vol.array, labels.array, idx, device, slab)
     else:
-        noisy = vol.with_array(vol.array + np.random.default_rng(0).normal(0, 10, vol.shape).astype(np.float32))
-        examples = pairs_from_volumes(noisy, vol, 0, idx, "denoise", "mr", own=False)
-        vol = noisy
-    run(model, vol, examples, RunOptions(task, 0, "mr", device))
+        medgen, _ = load_model(model)
+        start = time.perf_counter()
+        if task == "segment":
+            examples = pairs_from_volumes(vol, labels, 0, idx, "segment", "mr", own=True)
+        else:
+            noisy = vol.with_array(vol.array + np.random.default_rng(0).normal(0, 10, vol.shape).astype(np.float32))
+            examples = pairs_from_volumes(noisy, vol, 0, idx, "denoise", "mr", own=False)
+            vol = noisy
+        run(medgen, vol, examples, RunOptions(task, 0, "mr", device))
+        done = n
     seconds = time.perf_counter() - start
-    return {"task": task, "shape": list(shape), "k": k, "seconds": seconds,
-            "seconds_per_slice": seconds / n,
+    gpu = torch.cuda.max_memory_allocated() / 2 ** 20 if torch.device(device).type == "cuda" else None
+    return {"net": net, "task": task, "shape": list(shape), "k": len(idx), "device": device,
+            "seconds": seconds * n / done, "seconds_per_slice": seconds / done,
+            "slices_timed": done, "extrapolated": done < n, "peak_gpu_mb": gpu,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def measure_volume(task: str, shape: tuple[int, int, int], k: int, device: str = "auto") -> dict:
+@torch.inference_mode()
+def _universeg_volume(net: UniverSegReference, image: np.ndarray, labels: np.ndarray,
+                      idx: list[int], device: str, slab: int) -> int:
+    """UniverSeg's way through a volume: every slice resized to 128^2, one binary run per label
+    with the k labelled slices as support, probabilities resized back. Returns slices done."""
+    net = net.to(device)
+    n = image.shape[0]
+    todo = range(n) if not slab or slab >= n else range((n - slab) // 2, (n - slab) // 2 + slab)
+    x = _to_128(image, device)
+    x = (x - x.amin()) / (x.amax() - x.amin() + 1e-6)
+    batch = max(1, 8 // len(idx))
+    for value in (1, 2):
+        y = _to_128((labels == value).astype(np.float32), device)
+        support_i, support_l = x[idx][None, :, None], y[idx][None, :, None]
+        out = np.zeros((len(todo),) + image.shape[1:], np.float32)
+        for j in range(0, len(todo), batch):
+            q = x[list(todo)[j:j + batch]][:, None]
+            prob = torch.sigmoid(net(q, support_i.expand(len(q), -1, -1, -1, -1),
+                                     support_l.expand(len(q), -1, -1, -1, -1)))
+            out[j:j + len(q)] = F.interpolate(prob, size=image.shape[1:], mode="bilinear")[:, 0].cpu().numpy()
+    return len(todo)
+
+
+def _to_128(array: np.ndarray, device: str) -> torch.Tensor:
+    t = torch.as_tensor(np.ascontiguousarray(array, dtype=np.float32), device=device)[:, None]
+    return F.interpolate(t, size=(UNIVERSEG_SIZE, UNIVERSEG_SIZE), mode="bilinear", antialias=True)[:, 0]
+
+
+def measure_volume(task: str, shape: tuple[int, int, int], k: int, device: str = "auto",
+                   net: str = "medgen", model: str | None = None, slab: int = 0,
+                   timeout: float | None = None) -> dict:
+    """One volume_run in a fresh Python, so that peak RSS is this run's alone."""
     code = ("import json,sys; from MedicalGeneralistLib.bench_speed import volume_run; "
-            f"print(json.dumps(volume_run({task!r}, {tuple(shape)!r}, {k}, {device!r})))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            f"print(json.dumps(volume_run({task!r}, {tuple(shape)!r}, {k}, {_device(device)!r}, "
+            f"{net!r}, {model!r}, {slab})))")
+    env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=env, timeout=timeout)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _device(name: str) -> str:
+    from .device import resolve_device
+    return str(resolve_device(name))
 
 
 def speed_table(model: InContextUNet, volumes: list[tuple[int, int, int]], ks=(1, 8, 32),
                 size: int = 192, device: str = "auto") -> str:
-    """A Markdown table of the figures the README quotes."""
+    """A Markdown table of the figures the README quotes (kept for `medgen bench --volumes`)."""
     lines = [f"model: {model.config.name}, {count_parameters(model) / 1e6:.2f} M parameters, "
              f"torch {torch.__version__}, {torch.get_num_threads()} threads", "",
              f"| k | GFLOPs per query slice ({size}²) | GFLOPs to encode the k pairs (once) | s per slice |",
