@@ -151,17 +151,21 @@ def _unit(a: np.ndarray) -> np.ndarray:
 
 
 # -- image tasks -----------------------------------------------------------------------------------
-NLM_FACTORS = (0.6, 0.8, 1.0, 1.2)
+NLM_FACTORS = (0.4, 0.6, 0.8, 1.0, 1.2)  # h in units of the noise sigma
 TV_WEIGHTS = (0.02, 0.05, 0.1, 0.2)
 
 
-def nl_means(noisy: np.ndarray, factor: float) -> np.ndarray:
-    """scikit-image non-local means on a normalised slice, h = factor x estimated noise sigma."""
-    from skimage.restoration import denoise_nl_means, estimate_sigma
+def nl_means(noisy: np.ndarray, h: float, sigma: float) -> np.ndarray:
+    """scikit-image non-local means (fast mode, 5x5 patches, 13x13 search) on a normalised slice."""
+    from skimage.restoration import denoise_nl_means
 
-    sigma = float(estimate_sigma(noisy))
-    return denoise_nl_means(noisy, h=factor * sigma, sigma=sigma, patch_size=5, patch_distance=6,
+    return denoise_nl_means(noisy, h=h * sigma, sigma=sigma, patch_size=5, patch_distance=6,
                             fast_mode=True, preserve_range=True)
+
+
+def noise_sigma(noisy: list[np.ndarray], clean: list[np.ndarray]) -> float:
+    """The noise level the example pairs show (std of noisy - clean): what NL-means needs to know."""
+    return float(np.std(np.concatenate([(x - y).ravel() for x, y in zip(noisy, clean)])))
 
 
 def tv(noisy: np.ndarray, weight: float) -> np.ndarray:

@@ -82,8 +82,10 @@ class SpeedSpec:
     sizes: list[tuple[int, int, int]] = field(default_factory=lambda: [(64, 128, 128)])
     k: list[int] = field(default_factory=lambda: [1, 8, 32])
     tasks: list[str] = field(default_factory=lambda: ["segment", "denoise"])
+    denoise_k: list[int] = field(default_factory=lambda: [8])  # denoising cost hardly depends on k
     flops_size: int = 128
-    slab: int = 0  # >0: sizes with more slices than this time a centred slab and extrapolate
+    slab: int = 0  # >0: slice-wise runs (reference, denoising) time this many central slices
+    slab_from: int = 0  # ...on volumes with at least this many voxels (0: every volume)
 
 
 @dataclass
@@ -139,7 +141,8 @@ def _pair_set(root: Path, s: dict) -> PairSet:
         return [(root / s["image_pattern"].format(i), root / s["mask_pattern"].format(i)) for i in ids]
     return PairSet(s["name"], pairs(s["queries"]), pairs(s.get("examples", s["queries"])),
                    s.get("modality", "other"), _seen(s.get("seen_queries")), _seen(s.get("seen_examples")),
-                   s.get("labels_by", "unknown"), bool(s.get("quick")), "examples" not in s)
+                   s.get("labels_by", "unknown"), bool(s.get("quick")),
+                   bool(s.get("leave_one_out", "examples" not in s)))
 
 
 def _image_case(root: Path, c: dict) -> ImageCase:
@@ -155,7 +158,9 @@ def _speed(s: dict) -> SpeedSpec:
     spec.k = list(s.get("k", spec.k))
     spec.tasks = list(s.get("tasks", spec.tasks))
     spec.flops_size = int(s.get("flops_size", spec.flops_size))
+    spec.denoise_k = list(s.get("denoise_k", spec.denoise_k))
     spec.slab = int(s.get("slab", spec.slab))
+    spec.slab_from = int(s.get("slab_from", spec.slab_from))
     return spec
 
 

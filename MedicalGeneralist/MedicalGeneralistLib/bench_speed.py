@@ -164,8 +164,10 @@ def volume_run(task: str, shape: tuple[int, int, int], k: int, device: str, net:
                model: str | None = None, slab: int = 0) -> dict:
     """Child-process body: time one whole-volume run and report its peak memory.
 
-    `slab` > 0 times only that many central slices and extrapolates to the volume (per-slice cost
-    is the same everywhere for the reference; the flag travels with the figures)."""
+    `slab` > 0 times only that many central slices and extrapolates to the volume, for runs whose
+    cost is the same for every slice: the reference network and our denoising (examples still
+    come from the whole volume). Propagation is never cut: its cost depends on the whole volume.
+    The `extrapolated` flag travels with the figures."""
     from .examples import pairs_from_volumes
     from .pipeline import RunOptions, run
     from .volume import Volume
@@ -178,27 +180,57 @@ def volume_run(task: str, shape: tuple[int, int, int], k: int, device: str, net:
     idx = sorted({int(round(v)) for v in np.linspace(n * 0.1, n * 0.9 - 1, k)})
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    network = universeg_reference() if net == "universeg" else load_model(model)[0]
+    base_mb = _current_rss_mb()  # libraries, the network and the input volume, before the run
+    start = time.perf_counter()
     if net == "universeg":
-        reference = universeg_reference()
-        start = time.perf_counter()
-        done = _universeg_volume(reference, vol.array, labels.array, idx, device, slab)
+        done = _universeg_volume(network, vol.array, labels.array, idx, device, slab)
     else:
-        medgen, _ = load_model(model)
-        start = time.perf_counter()
         if task == "segment":
             examples = pairs_from_volumes(vol, labels, 0, idx, "segment", "mr", own=True)
         else:
             noisy = vol.with_array(vol.array + np.random.default_rng(0).normal(0, 10, vol.shape).astype(np.float32))
             examples = pairs_from_volumes(noisy, vol, 0, idx, "denoise", "mr", own=False)
-            vol = noisy
-        run(medgen, vol, examples, RunOptions(task, 0, "mr", device))
-        done = n
+            vol = _slab(noisy, slab)  # denoising is slice by slice: a slab costs its share
+        run(network, vol, examples, RunOptions(task, 0, "mr", device))
+        done = vol.shape[0]
     seconds = time.perf_counter() - start
     gpu = torch.cuda.max_memory_allocated() / 2 ** 20 if torch.device(device).type == "cuda" else None
     return {"net": net, "task": task, "shape": list(shape), "k": len(idx), "device": device,
             "seconds": seconds * n / done, "seconds_per_slice": seconds / done,
-            "slices_timed": done, "extrapolated": done < n, "peak_gpu_mb": gpu,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "slices_timed": done, "extrapolated": done < n, "peak_gpu_mb": gpu, "base_rss_mb": base_mb,
+            "peak_rss_mb": _peak_rss_mb()}
+
+
+def _status_mb(key: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
+    except (OSError, StopIteration):
+        return None
+
+
+def _slab(vol, slab: int):
+    """The central `slab` slices of a volume (all of it when slab is 0 or covers it)."""
+    n = vol.shape[0]
+    if not slab or slab >= n:
+        return vol
+    lo = (n - slab) // 2
+    return type(vol)(np.ascontiguousarray(vol.array[lo:lo + slab]), vol.spacing, vol.origin, vol.direction)
+
+
+def _current_rss_mb() -> float:
+    return _status_mb("VmRSS") or float("nan")
+
+
+def _peak_rss_mb() -> float:
+    """This process's own peak: Linux's VmHWM starts afresh at exec, whereas getrusage's
+    ru_maxrss keeps the parent's peak across fork + exec (a child of a 2 GB benchmark would
+    report 2 GB however little it used). getrusage only where /proc is missing (macOS: bytes)."""
+    peak = _status_mb("VmHWM")
+    if peak is not None:
+        return peak
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10)
 
 
 @torch.inference_mode()

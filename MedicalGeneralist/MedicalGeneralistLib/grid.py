@@ -52,6 +52,13 @@ def box_around(mask: np.ndarray, spacing: tuple[float, float], margin: float = M
     return _square((r0 + r1) / 2, (c0 + c1) / 2, min(side, full), spacing)
 
 
+def cap_box(box: Box, spacing: tuple[float, float], max_side_mm: float) -> Box:
+    """The same box shrunk about its centre to at most max_side_mm (a leak cannot widen the view)."""
+    if (box.r1 - box.r0) * spacing[0] <= max_side_mm:
+        return box
+    return _square((box.r0 + box.r1) / 2, (box.c0 + box.c1) / 2, max_side_mm, spacing)
+
+
 def _square(rc: float, cc: float, side_mm: float, spacing: tuple[float, float]) -> Box:
     hr, hc = side_mm / spacing[0] / 2, side_mm / spacing[1] / 2
     r0, c0 = int(np.floor(rc - hr)), int(np.floor(cc - hc))

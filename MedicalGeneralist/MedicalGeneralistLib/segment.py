@@ -19,9 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import ndimage
 
 from .examples import Example
-from .grid import Box, box_around, from_grid, full_box, structure_width, to_grid, working_side
+from .grid import Box, box_around, cap_box, from_grid, full_box, structure_width, to_grid, working_side
 from .intensity import Normalizer
 from .model import ContextCache
 from .predictor import Predictor, stack_caches
@@ -35,6 +36,10 @@ class SegmentSettings:
     memory: int = 2  # predicted neighbour pairs kept as context
     stop_after_empty: int = 3
     threshold: float = 0.5
+    prior: bool = True  # feed the neighbour's prediction as the query's prior channel
+    max_growth: float = 1.2  # the view may widen to this times the labelled slices' views
+    continuity: bool = True  # keep only blobs touching the previous slice's structure
+    min_area: float = 0.02  # below this fraction of the labelled area a slice counts as empty
 
 
 @dataclass
@@ -49,6 +54,8 @@ class Chain:
     box: Box
     empties: int = 0
     memory: list[ContextCache] = field(default_factory=list)
+    max_side_mm: float = float("inf")  # the view may not widen past this (stops leaks feeding on themselves)
+    origin_area: float = 0.0  # foreground pixels on the labelled slice the chain starts from
 
     def slice_at(self, t: int) -> int:
         return self.start + self.step * t
@@ -149,8 +156,12 @@ class VolumeSegmenter:
                         continue
                     mask = known[origin] == value
                     stops = far is None or not has[far]
+                    box = self._box(mask, full_box(shape, self.spacing))
+                    ends = [box] if stops else [box, self._box(known[far] == value, box)]
+                    side = max((b.r1 - b.r0) * self.spacing[0] for b in ends) * self.s.max_growth
                     chains.append(Chain(li, origin, step, end, stops, span if not stops else None,
-                                        mask.astype(np.float32), self._box(mask, full_box(shape, self.spacing))))
+                                        mask.astype(np.float32), box, max_side_mm=side,
+                                        origin_area=float(mask.sum())))
         return chains
 
     def propagate(self) -> np.ndarray:
@@ -174,26 +185,46 @@ class VolumeSegmenter:
     def _step(self, chains: list[Chain], t: int, acc: np.ndarray, wsum: np.ndarray) -> None:
         shape = self.slices.shape[1:]
         for c in chains:
-            c.box = self._box(c.prev > self.s.threshold, c.box)
+            c.box = cap_box(self._box(c.prev > self.s.threshold, c.box), self.spacing, c.max_side_mm)
         q = np.stack([to_grid(self.norm(self.slices[c.slice_at(t)]), c.box, self.grid) for c in chains])
         prior = np.stack([to_grid(c.prev, c.box, self.grid) for c in chains])
         cache = self.cache.index([c.label for c in chains])
         if chains[0].memory:
             cache = cache.cat(stack_caches([_cat_pairs(c.memory) for c in chains]))
-        probs = self.p.predict(q, cache, "seg", prior, np.ones_like(prior))
+        probs = self.p.predict(q, cache, "seg", prior if self.s.prior else None,
+                               np.ones_like(prior) if self.s.prior else None)
         if self.s.memory:
             mem = self.p.encode(q[:, None], (probs[:, None] > self.s.threshold).astype(np.float32),
                                 self.task, self.modality)
         for i, (c, prob) in enumerate(zip(chains, probs)):
             s = c.slice_at(t)
             full = from_grid(prob, c.box, shape)
+            if self.s.continuity:
+                full = keep_connected(full, c.prev > self.s.threshold, self.s.threshold)
             w = c.weight(s)
             acc[c.label, s] += w * full
             wsum[c.label, s] += w
             c.prev = full
-            c.empties = 0 if (full > self.s.threshold).any() else c.empties + 1
+            area = float((full > self.s.threshold).sum())
+            # "empty" = (nearly) gone: a few stray pixels must not keep a chain alive
+            c.empties = 0 if area > self.s.min_area * c.origin_area else c.empties + 1
             if self.s.memory:
                 c.memory = (c.memory + [mem.index([i])])[-self.s.memory:]
+
+
+def keep_connected(prob: np.ndarray, previous: np.ndarray, threshold: float) -> np.ndarray:
+    """Zero the predicted blobs that do not touch the previous slice's structure (dilated).
+
+    Between adjacent slices a structure overlaps itself; a blob elsewhere is a neighbouring organ
+    the chain would otherwise start to follow (the usual way propagation leaks).
+    """
+    mask = prob > threshold
+    if not mask.any() or not previous.any():
+        return prob
+    blobs, count = ndimage.label(mask)
+    near = ndimage.binary_dilation(previous, iterations=3)
+    keep = np.unique(blobs[near & mask])
+    return np.where(np.isin(blobs, keep[keep > 0]) | ~mask, prob, np.minimum(prob, threshold * 0.99))
 
 
 def _cat_pairs(caches: list[ContextCache]) -> ContextCache:

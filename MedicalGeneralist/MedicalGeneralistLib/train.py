@@ -43,6 +43,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0
     task_weights: dict = field(default_factory=dict)
+    init: str = ""  # start from these weights (a model.safetensors) unless resuming
 
     @classmethod
     def from_file(cls, path: str | Path) -> "TrainConfig":
@@ -70,7 +71,11 @@ def episode_loss(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
         losses.append(l_seg)
         parts["seg"] = float(l_seg.detach())
     if (~seg).any():
-        l_img = F.l1_loss(out["image"][~seg], batch["target"][~seg])
+        # L1 everywhere plus L1 where the query's prior is missing: an inpainting hole is a few
+        # percent of the image, and without the second term the identity start never fills it
+        err = (out["image"][~seg] - batch["target"][~seg]).abs()
+        missing = 1 - batch["prior_valid"][~seg]
+        l_img = err.mean() + (err * missing).sum() / missing.sum().clamp(min=1)
         losses.append(l_img)
         parts["image"] = float(l_img.detach())
     return torch.stack(losses).mean(), parts
@@ -88,6 +93,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
     model = InContextUNet(mcfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     step = _resume(out, model, opt, log)
+    if step == 0 and cfg.init:
+        model.load_state_dict(load_file(cfg.init))
     cases = load_cases(Path(cfg.data), holdout=tuple(cfg.holdout))
     sampler = EpisodeSampler(cases, mcfg.grid, cfg.task_weights or None, seed=cfg.seed + step)
     rng = np.random.default_rng(cfg.seed + step)
