@@ -19,7 +19,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from . import bench_baselines as bl
 from .bench_data import (DEFAULT_CONFIG, REPO_ROOT, BenchConfig, ImageCase, PairSet, Structure,
@@ -28,8 +27,10 @@ from .bench_data import (DEFAULT_CONFIG, REPO_ROOT, BenchConfig, ImageCase, Pair
 from .examples import inpaint_self_examples, pairs_from_volumes
 from .imageio import read_volume
 from .intensity import fit_normalizer
-from .pipeline import RunOptions, run
 from .volume import Volume, parse_axis
+
+# torch and the engine (pipeline) are imported inside the functions that run the model, so that
+# cli.py can build its parser from add_bench_arguments without paying for them on every command.
 
 Log = Callable[[str], None]
 SECTIONS = ("propagation", "cross_subject", "image_tasks", "speed")
@@ -107,6 +108,7 @@ def seg_scores(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...] |
 
     An empty prediction of a non-empty truth has no surface distance: HD95 is then capped at the
     diagonal of the scored volume (and counted as empty), so every figure stays finite."""
+    import torch
     from monai.metrics import compute_dice, compute_hausdorff_distance
 
     p = torch.as_tensor(np.ascontiguousarray(pred > 0))[None, None].float()
@@ -163,6 +165,8 @@ def _skipped(s: Structure, k: int, why: str) -> dict:
 def _propagate_one(model, s: Structure, image: Volume, label: Volume, axis: int, given: list[int],
                    device: str) -> tuple[dict, dict]:
     """The model and the three baselines from the same labelled slices, scored on the rest."""
+    from .pipeline import RunOptions, run
+
     truth = np.moveaxis(label.array, axis, 0) > 0
     slices = np.moveaxis(image.array, axis, 0)
     spacing = (tuple(reversed(image.spacing))[axis],) + image.slice_spacing(axis)
@@ -230,6 +234,8 @@ def _load_pair(pair: tuple[Path, Path]) -> tuple[Volume, np.ndarray]:
 def _cross_one(model, ps: PairSet, query: tuple[Volume, np.ndarray], examples: list,
                ks: list[int], device: str, seed: int) -> tuple[dict, dict]:
     """Dice of the model, the mean-mask prior and multi-atlas voting for every k on one query."""
+    from .pipeline import RunOptions, run
+
     image, truth = query
     q2d = image.array[0].astype(np.float32)
     warped = [bl.atlas_register(q2d, e[0].array[0], e[1][0], seed) for e in examples]
@@ -295,6 +301,8 @@ def _stack(vol: Volume, array: np.ndarray, axis: int) -> Volume:
 
 
 def _denoise(model, case: ImageCase, cfg: BenchConfig, device: str) -> tuple[dict, dict]:
+    from .pipeline import RunOptions, run
+
     image, axis, clean = _read_case(case)
     norm = fit_normalizer(image.array, case.modality)
     noisy = add_noise(clean, case.modality, case.noise, norm, np.random.default_rng(cfg.seed))
@@ -316,6 +324,8 @@ def _denoise(model, case: ImageCase, cfg: BenchConfig, device: str) -> tuple[dic
 
 
 def _inpaint(model, case: ImageCase, cfg: BenchConfig, device: str) -> tuple[dict, dict]:
+    from .pipeline import RunOptions, run
+
     image, axis, clean = _read_case(case)
     hole_vol = mask_on_image(case.mask, case.image) & _region(image.array, case)
     hole = np.moveaxis(hole_vol, axis, 0)
@@ -331,6 +341,8 @@ def _inpaint(model, case: ImageCase, cfg: BenchConfig, device: str) -> tuple[dic
 
 
 def _synthesize(model, case: ImageCase, cfg: BenchConfig, device: str) -> tuple[dict, dict]:
+    from .pipeline import RunOptions, run
+
     image, axis, src = _read_case(case)
     target = read_volume(case.target)
     if not image.same_grid(target):
@@ -372,6 +384,8 @@ def speed(model, cfg: BenchConfig, device: str, model_spec: str | None, log: Log
     and (when present) CUDA. The reference's cost per slice does not depend on the volume, so it
     times a central slab (`speed.slab` slices) and extrapolates; so does our denoising on volumes
     of at least `speed.slab_from` voxels. Our propagation always runs the whole volume."""
+    import torch
+
     from . import bench_speed as sp
     from .model import count_parameters
 

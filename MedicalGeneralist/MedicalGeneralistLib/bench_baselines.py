@@ -11,8 +11,6 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-from .demo import nearest_copy
-
 PROPAGATION_BASELINES = ("nearest slice copy", "fill between slices (ITK MCI)", "registration (SimpleITK demons)")
 CROSS_BASELINES = ("mean of example masks", "multi-atlas (affine + majority vote)")
 
@@ -20,14 +18,21 @@ CROSS_BASELINES = ("mean of example masks", "multi-atlas (affine + majority vote
 # -- in-volume propagation ------------------------------------------------------------------------
 def copy_nearest(labels: np.ndarray, given: list[int]) -> np.ndarray:
     """Every slice takes the labels of the nearest labelled slice (the demo's baseline)."""
+    from .demo import nearest_copy  # demo imports the engine (torch): only when a bench runs
+
     return nearest_copy(labels, given) > 0
 
 
 def fill_between_slices(labels: np.ndarray, given: list[int]) -> np.ndarray:
     """ITK's MorphologicalContourInterpolator (Slicer's "Fill between slices"), default settings,
     along the slice axis. ITK numbers axes x, y, z: numpy's axis 0 of a (z, y, x) array is ITK 2."""
-    import itk
-
+    try:
+        import itk
+        itk.morphological_contour_interpolator  # noqa: B018 (the module is a separate wheel)
+    except (ImportError, AttributeError) as err:
+        from .errors import InputError
+        raise InputError("the fill-between-slices baseline needs ITK's contour interpolator: "
+                         "pip install itk itk-morphologicalcontourinterpolation") from err
     itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(1)  # itk-morphologicalcontourinterpolation
     # 2.1.2 corrupts the heap when threaded on 512x512 slices (malloc aborts on the next call)
     only = np.zeros(labels.shape, np.uint8)

@@ -45,9 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="run the shipped demo (no network, no shared data needed)")
     d.add_argument("--out", default="medgen-demo", help="output folder (default: ./medgen-demo)")
     d.add_argument("--device", default="auto")
-    b = sub.add_parser("bench", help="benchmarks that print tables (speed and memory for now)")
-    b.add_argument("--volumes", default="100x256x256", help="volume sizes z x y x x, comma-separated")
-    b.add_argument("--device", default="auto")
+    b = sub.add_parser("bench", help="accuracy against users' baselines, speed and memory (docs/BENCHMARKS.md)")
+    from .bench import add_bench_arguments
+    add_bench_arguments(b)
     t = sub.add_parser("train", help="train a model from a YAML/JSON config")
     t.add_argument("--config", required=True)
     return parser
@@ -67,11 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             run_demo(Path(args.out), device=args.device)
             return 0
         if args.command == "bench":
-            from .bench_speed import speed_table
-            from .weights import load_model
-            shapes = [tuple(int(v) for v in s.split("x")) for s in args.volumes.split(",")]
-            print(speed_table(load_model()[0], shapes, device=args.device))
-            return 0
+            from .bench import bench_command
+            return bench_command(args)
         if args.command == "train":
             from .train import TrainConfig, train
             train(TrainConfig.from_file(args.config))

@@ -17,6 +17,7 @@ from scipy import ndimage
 
 from .config import modality_index, task_index
 from .datasets import Case
+from .imagetasks import classical_fill
 from .grid import Box, box_around, crop, full_box, structure_width, to_grid, working_side
 
 
@@ -225,7 +226,8 @@ class EpisodeSampler:
         crops = [c[0] for c in self._native_crops(case, k + 1, [case.image])]
         holes = [self._hole() for _ in crops]
         masked = [c * (1 - h) for c, h in zip(crops, holes)]
-        return Episode(np.stack(masked[1:]), np.stack(crops[1:]), masked[0], crops[0], masked[0],
+        query = classical_fill(masked[0][None], holes[0][None] > 0)[0]  # as inference does
+        return Episode(np.stack(masked[1:]), np.stack(crops[1:]), query, crops[0], masked[0],
                        1 - holes[0], task_index("inpaint"), modality_index(case.modality))
 
     def _synthesize(self, k: int) -> Episode:

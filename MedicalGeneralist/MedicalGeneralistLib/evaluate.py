@@ -17,7 +17,8 @@ import numpy as np
 
 from .datasets import DEFAULT_DATA
 from .demo import dice, nearest_copy, psnr
-from .examples import Example, pairs_from_volumes
+from .examples import Example, inpaint_self_examples, pairs_from_volumes
+from .imagetasks import classical_fill
 from .imageio import read_volume
 from .intensity import fit_normalizer
 from .pipeline import RunOptions, run
@@ -63,6 +64,16 @@ def _image_tasks(model, data: Path) -> list[tuple[str, str, float, float, str]]:
     peak = float(np.percentile(clean.array, 99.9))
     rows.append(("denoise", "mr", psnr(out.array, clean.array, peak), psnr(noisy_arr, clean.array, peak),
                  "noisy input"))
+    hole = np.zeros(clean.shape, bool)
+    h, w = clean.shape[1:]
+    hole[:, h // 2 - 12:h // 2 + 12, w // 2 - 18:w // 2 + 6] = True
+    holed = clean.with_array(np.where(hole, 0, clean.array).astype(np.float32))
+    mask = clean.with_array(hole.astype(np.uint8))
+    ex = inpaint_self_examples(t1.with_array(np.where(_moved(hole, t1.shape), 0, t1.array)),
+                               t1.with_array(_moved(hole, t1.shape).astype(np.uint8)), 0, "mr")
+    out = run(model, holed, ex, RunOptions("inpaint", 0, "mr"), mask=mask)
+    rows.append(("inpaint, 24x24 mm hole, PSNR in the hole", "mr", psnr(out.array[hole], clean.array[hole], peak),
+                 psnr(classical_fill(holed.array, hole)[hole], clean.array[hole], peak), "biharmonic fill"))
     t2 = crop(vols["t2"].with_array(vols["t2"].array.astype(np.float32)))
     ex = pairs_from_volumes(vols["t1"], vols["t2"], 0, ex_idx, "synthesize", "mr", own=False)
     out = run(model, clean, ex, RunOptions("synthesize", 0, "mr"))
@@ -70,6 +81,14 @@ def _image_tasks(model, data: Path) -> list[tuple[str, str, float, float, str]]:
     rows.append(("synthesize T1→T2", "mr", psnr(out.array, t2.array, peak2),
                  psnr(_linear_map(ex, clean.array), t2.array, peak2), "linear intensity map"))
     return rows
+
+
+def _moved(hole: np.ndarray, shape: tuple) -> np.ndarray:
+    """The evaluation hole placed on the first slices of the full volume (far from the test block),
+    so that the examples made from intact slices never include the test slices' truth."""
+    out = np.zeros(shape, bool)
+    out[int(shape[0] * 0.25):int(shape[0] * 0.25) + hole.shape[0]] = hole
+    return out
 
 
 def _linear_map(examples: list[Example], image: np.ndarray) -> np.ndarray:

@@ -44,7 +44,7 @@ class Predictor:
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(np.ascontiguousarray(array), dtype=torch.float32, device=self.device)
 
-    def _chunk(self, size: int, k: int) -> int:
+    def chunk_size(self, size: int, k: int) -> int:
         """Items per forward pass: a rough activation estimate against free memory."""
         per_item = size * size * 4 * (sum(self.model.config.channels) * 8 + 2 * k * self.model.config.channels[1])
         limit = batch_limit(per_item, self.device)
@@ -54,7 +54,7 @@ class Predictor:
     def encode(self, images: np.ndarray, targets: np.ndarray, task: int, modality: int) -> ContextCache:
         """Encode pairs once. images, targets: [B, k, S, S] normalised grids."""
         b, k, s = images.shape[0], images.shape[1], images.shape[-1]
-        step = max(1, self._chunk(s, 1) // max(k, 1))
+        step = max(1, self.chunk_size(s, 1) // max(k, 1))
         parts = []
         for i in range(0, b, step):
             self.check_cancel()
@@ -71,7 +71,7 @@ class Predictor:
                 priors: np.ndarray | None = None, valid: np.ndarray | None = None) -> np.ndarray:
         """queries (+ priors, valid): [B, S, S]; cache has B runs. Returns probabilities or images."""
         b, s = queries.shape[0], queries.shape[-1]
-        step = self._chunk(s, cache.k)
+        step = self.chunk_size(s, cache.k)
         out = []
         for i in range(0, b, step):
             self.check_cancel()

@@ -182,17 +182,24 @@ class VolumeSegmenter:
             self.progress(min(done / total, 1.0), f"propagating: step {t}, {len(chains)} active")
         return (acc / np.maximum(wsum, 1e-6)[..., None, None]).astype(np.float16)
 
+    def _predict_chunk(self, chains: list[Chain], q: np.ndarray, prior: np.ndarray) -> np.ndarray:
+        """One memory-sized group of chains: their context (prompt + memory) is gathered here,
+        per group, so the copy never spans all chains at once (memory flat in the chain count)."""
+        cache = self.cache.index([c.label for c in chains])
+        if chains[0].memory:
+            cache = cache.cat(stack_caches([_cat_pairs(c.memory) for c in chains]))
+        return self.p.predict(q, cache, "seg", prior if self.s.prior else None,
+                              np.ones_like(prior) if self.s.prior else None)
+
     def _step(self, chains: list[Chain], t: int, acc: np.ndarray, wsum: np.ndarray) -> None:
         shape = self.slices.shape[1:]
         for c in chains:
             c.box = cap_box(self._box(c.prev > self.s.threshold, c.box), self.spacing, c.max_side_mm)
         q = np.stack([to_grid(self.norm(self.slices[c.slice_at(t)]), c.box, self.grid) for c in chains])
         prior = np.stack([to_grid(c.prev, c.box, self.grid) for c in chains])
-        cache = self.cache.index([c.label for c in chains])
-        if chains[0].memory:
-            cache = cache.cat(stack_caches([_cat_pairs(c.memory) for c in chains]))
-        probs = self.p.predict(q, cache, "seg", prior if self.s.prior else None,
-                               np.ones_like(prior) if self.s.prior else None)
+        probs = np.concatenate([self._predict_chunk(chains[i:i + n], q[i:i + n], prior[i:i + n])
+                                for n in [self.p.chunk_size(self.grid, self.cache.k + len(chains[0].memory))]
+                                for i in range(0, len(chains), n)])
         if self.s.memory:
             mem = self.p.encode(q[:, None], (probs[:, None] > self.s.threshold).astype(np.float32),
                                 self.task, self.modality)
