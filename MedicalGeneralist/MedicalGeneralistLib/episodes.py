@@ -89,6 +89,9 @@ class EpisodeSampler:
         if present.size < 2:
             return self._segment3d(k)
         q = int(self.rng.choice(present))
+        beyond = self._beyond_end(present, case.labels.shape[axis])
+        if beyond is not None:  # a query past the structure's end: the answer is "nothing here"
+            q, nb_forced = beyond
         window = int(self.rng.integers(2, 40))
         near = present[(np.abs(present - q) <= window) & (present != q)]
         pool = near if near.size else present[present != q]
@@ -104,13 +107,23 @@ class EpisodeSampler:
             ct.append(to_grid(m.astype(np.float32), box, self.grid))
         # the query's box comes from a neighbour, as in propagation, where the query is unknown
         step = int(self.rng.choice([-1, 1])) * int(self.rng.integers(1, 4))
-        nb = int(np.clip(q + step, 0, lab.shape[0] - 1))
+        nb = nb_forced if beyond is not None else int(np.clip(q + step, 0, lab.shape[0] - 1))
         nb_mask = lab[nb] == label
         qbox = self._jitter_box(nb_mask if nb_mask.any() else lab[q] == label, sp)
         qt = to_grid((lab[q] == label).astype(np.float32), qbox, self.grid)
         prior, valid = self._prior(nb_mask, qt, qbox)
         return Episode(np.stack(ci), np.stack(ct) > 0.5, to_grid(img[q], qbox, self.grid), qt > 0.5,
                        prior, valid, task_index("segment"), modality_index(case.modality))
+
+    def _beyond_end(self, present: np.ndarray, n: int) -> tuple[int, int] | None:
+        """Sometimes (20%) a slice 1-3 past either end of the structure, with that end slice as
+        the neighbour: propagation must learn to stop, which queries on the structure never teach."""
+        if self.rng.random() >= 0.2:
+            return None
+        d = int(self.rng.integers(1, 4))
+        end, q = (int(present.max()), int(present.max()) + d) if self.rng.random() < 0.5 else (
+            int(present.min()), int(present.min()) - d)
+        return (q, end) if 0 <= q < n else None
 
     def _prior(self, nb_mask: np.ndarray, qt: np.ndarray, qbox) -> tuple[np.ndarray, np.ndarray]:
         """None, a perturbed neighbour label (autoregressive), or a block-masked partial target."""
