@@ -27,6 +27,11 @@ class Example:
     center: tuple[int, int] | None = None  # where image tasks should look (e.g. the hole)
 
 
+def example_labels(examples: list[Example]) -> list[int]:
+    """The label values the examples show (each becomes one output label)."""
+    return sorted({int(v) for e in examples for v in np.unique(e.target) if v != 0})
+
+
 def labelled_slices(target: Volume, axis: int) -> list[int]:
     """Every slice of a label volume that holds any label (the default labelled slices)."""
     other = tuple(a for a in range(3) if a != axis)

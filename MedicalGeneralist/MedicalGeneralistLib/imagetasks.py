@@ -43,10 +43,15 @@ def classical_fill(x: np.ndarray, holes: np.ndarray) -> np.ndarray:
     return out
 
 
-def encode_examples(p: Predictor, examples: list[Example], task: int, modality: int):
-    size = p.model.config.grid
+def example_grids(examples: list[Example], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised grid-sized native crops of the pairs ([k, S, S] each), as the model sees them."""
     imgs = np.stack([crop(e.image_norm(e.image), _window(e, size)) for e in examples])
     tgts = np.stack([crop(e.target_norm(e.target), _window(e, size)) for e in examples])
+    return imgs, tgts
+
+
+def encode_examples(p: Predictor, examples: list[Example], task: int, modality: int):
+    imgs, tgts = example_grids(examples, p.model.config.grid)
     return p.encode(imgs[None], tgts[None], task, modality)
 
 

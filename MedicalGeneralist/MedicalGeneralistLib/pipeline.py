@@ -15,9 +15,9 @@ import torch
 from .config import IMAGE_TASKS, modality_index, task_index
 from .device import free_bytes, resolve_device, set_threads
 from .errors import Cancelled, InputError
-from .examples import Example, check_examples
+from .examples import Example, check_examples, example_labels
 from .grid import box_around, full_box, to_grid
-from .imagetasks import run_image_task
+from .imagetasks import example_grids, run_image_task
 from .intensity import fit_normalizer
 from .model import InContextUNet
 from .predictor import Predictor
@@ -72,7 +72,7 @@ def _check_shapes(image: Volume, examples: list[Example], axis: int) -> None:
 
 
 def _segment(model, device, image, examples, options, progress, cancel) -> np.ndarray:
-    labels = sorted({int(v) for e in examples for v in np.unique(e.target) if v != 0})
+    labels = example_labels(examples)
     slices = slice_view(image.array, options.axis)
     norm = fit_normalizer(image.array, options.modality)
     spacing = image.slice_spacing(options.axis)
@@ -108,7 +108,7 @@ def _adapted(model, device, examples, options, in_volume, cancel=None) -> InCont
         return model
     grid = model.config.grid
     if options.task == "segment":
-        labels = sorted({int(v) for e in examples for v in np.unique(e.target) if v != 0})
+        labels = example_labels(examples)
         imgs, tgts = [], []
         for value in labels:
             boxes = [(box_around(e.target == value, e.spacing) if in_volume else None)
@@ -118,10 +118,7 @@ def _adapted(model, device, examples, options, in_volume, cancel=None) -> InCont
                          for e, b in zip(examples, boxes)])
         images, targets = np.asarray(imgs, np.float32), np.asarray(tgts, np.float32)
     else:
-        from .grid import crop
-        from .imagetasks import _window
-        images = np.asarray([[crop(e.image_norm(e.image), _window(e, grid)) for e in examples]])
-        targets = np.asarray([[crop(e.target_norm(e.target), _window(e, grid)) for e in examples]])
+        images, targets = (g[None] for g in example_grids(examples, grid))
     from .adapt import adapt  # imports MONAI's losses: only when adaptation is asked for
 
     model = model.to(device)
