@@ -25,21 +25,10 @@ def copy_nearest(labels: np.ndarray, given: list[int]) -> np.ndarray:
 
 def fill_between_slices(labels: np.ndarray, given: list[int]) -> np.ndarray:
     """ITK's MorphologicalContourInterpolator (Slicer's "Fill between slices"), default settings,
-    along the slice axis. ITK numbers axes x, y, z: numpy's axis 0 of a (z, y, x) array is ITK 2."""
-    try:
-        import itk
-        itk.morphological_contour_interpolator  # noqa: B018 (the module is a separate wheel)
-    except (ImportError, AttributeError) as err:
-        from .errors import InputError
-        raise InputError("the fill-between-slices baseline needs ITK's contour interpolator: "
-                         "pip install itk itk-morphologicalcontourinterpolation") from err
-    itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(1)  # itk-morphologicalcontourinterpolation
-    # 2.1.2 corrupts the heap when threaded on 512x512 slices (malloc aborts on the next call)
-    only = np.zeros(labels.shape, np.uint8)
-    only[given] = labels[given] > 0
-    image = itk.image_from_array(only)
-    out = itk.morphological_contour_interpolator(image, axis=2)
-    return itk.array_from_image(out) > 0
+    along the slice axis (interpolate.py; the model's own prior between labelled slices)."""
+    from .interpolate import fill_between_slices as fill
+
+    return fill(labels > 0, given)
 
 
 def registration_propagate(slices: np.ndarray, given: dict[int, np.ndarray],

@@ -44,7 +44,7 @@ def _load(path: Path, modality: str, label_path: Path | None = None, binarize: i
         labels = read_volume(label_path, label=True).array
         labels = (labels > binarize).astype(np.uint8) if binarize is not None else labels.astype(np.int32)
     return Case(name or path.stem, norm(vol.array), tuple(reversed(vol.spacing)), modality, labels,
-                is_2d=vol.is_2d)
+                is_2d=vol.is_2d or vol.shape[0] == 1)
 
 
 def _brats(folder: Path) -> Case:
@@ -77,8 +77,37 @@ def load_cases(data: Path = DEFAULT_DATA, holdout: tuple[str, ...] = (), busi_li
     for sub in sorted((data / "brats").iterdir()):
         if sub.is_dir():
             cases.append(_brats(sub))
+    cases.append(_prostate(data / "prostate_t2_dwi"))
+    cases += _unlabelled(data)
     cases += _two_d_cases(data, busi_limit)
     return [c for c in cases if c.name not in holdout]
+
+
+def _prostate(folder: Path) -> Case:
+    """T2 and DWI of one subject on different grids: DWI resampled onto T2 (SimpleITK, linear)
+    so that synthesis episodes pair the same anatomy in both directions."""
+    import SimpleITK as sitk
+
+    t2, dwi = (sitk.ReadImage(str(folder / f"{c}.nii.gz"), sitk.sitkFloat32) for c in ("t2", "dwi"))
+    dwi = sitk.Resample(dwi, t2, sitk.Transform(), sitk.sitkLinear, 0.0)
+    contrasts = {c: fit_normalizer(a, "mr")(a) for c, a in
+                 (("t2", sitk.GetArrayFromImage(t2)), ("dwi", sitk.GetArrayFromImage(dwi)))}
+    return Case("prostate", contrasts["t2"], tuple(reversed(t2.GetSpacing())), "mr", None, contrasts)
+
+
+DICOM_MODALITY = {"CT": "ct", "MR": "mr", "CR": "xray", "DX": "xray", "US": "us"}
+
+
+def _unlabelled(data: Path) -> list[Case]:
+    """Images without labels (denoising, inpainting, supervoxel pseudo-tasks): the dipy T1 slice
+    and the grey-level pydicom samples (CT, MR, radiographs, ultrasound)."""
+    cases = [_load(data / "dipy_t1" / "t1_coronal_slice.png", "mr", name="dipy_t1")]
+    folder = data / "pydicom_samples"
+    for entry in json.loads((folder / "index.json").read_text())["files"]:
+        modality = DICOM_MODALITY.get(entry.get("modality", ""))
+        if modality and entry.get("photometric", "").startswith("MONOCHROME"):
+            cases.append(_load(folder / entry["file"], modality, name=f"dicom/{entry['file']}"))
+    return cases
 
 
 def _two_d_cases(data: Path, busi_limit: int) -> list[Case]:

@@ -19,6 +19,11 @@ from .config import modality_index, task_index
 from .datasets import Case
 from .imagetasks import classical_fill
 from .grid import Box, box_around, crop, full_box, structure_width, to_grid, working_side
+from .priors import PriorSampler
+from .pseudotasks import Supervoxels
+
+DEFAULT_TASKS = {"segment3d": 0.36, "pseudo3d": 0.1, "segment2d": 0.12, "denoise": 0.15,
+                 "inpaint": 0.13, "synthesize": 0.14}
 
 
 @dataclass
@@ -37,8 +42,10 @@ class EpisodeSampler:
     """Draws task-mixed episodes; every batch mixes tasks so the model cannot ignore its pairs."""
 
     def __init__(self, cases: list[Case], grid: int, weights: dict[str, float] | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, priors: dict[str, float] | None = None) -> None:
         self.rng = np.random.default_rng(seed)
+        self.priors = PriorSampler(self.rng, priors)
+        self.pseudo = Supervoxels()
         self.grid = grid
         self.vol_seg = [c for c in cases if c.labels is not None and not c.is_2d]
         self.flat_seg: dict[str, list[Case]] = {}
@@ -48,15 +55,14 @@ class EpisodeSampler:
         self.vols = [c for c in cases if not c.is_2d]
         self.images = cases
         self.multi_contrast = [c for c in cases if len(c.contrasts) > 1]
-        self.weights = weights or {"segment3d": 0.45, "segment2d": 0.15, "denoise": 0.15,
-                                   "inpaint": 0.12, "synthesize": 0.13}
+        self.weights = {**DEFAULT_TASKS, **(weights or {})}
         self._presence: dict[tuple[str, int, int], np.ndarray] = {}
 
     # -- helpers ----------------------------------------------------------------------------
-    def _slices_with(self, case: Case, label: int, axis: int) -> np.ndarray:
-        key = (case.name, label, axis)
+    def _slices_with(self, name: str, labels: np.ndarray, label: int, axis: int) -> np.ndarray:
+        key = (name, label, axis)
         if key not in self._presence:
-            mask = case.labels == label
+            mask = labels == label
             self._presence[key] = np.nonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))[0]
         return self._presence[key]
 
@@ -76,75 +82,46 @@ class EpisodeSampler:
 
     # -- tasks ------------------------------------------------------------------------------
     def sample(self, k: int) -> Episode:
-        names = list(self.weights)
+        names = [n for n, w in self.weights.items() if w > 0]
         p = np.asarray([self.weights[n] for n in names], dtype=float)
         name = names[int(self.rng.choice(len(names), p=p / p.sum()))]
         return getattr(self, f"_{name}")(k)
 
     def _segment3d(self, k: int) -> Episode:
         case = self.vol_seg[int(self.rng.integers(len(self.vol_seg)))]
-        label = int(self.rng.choice(case.label_values()))
+        return self._in_volume(case, case.labels, case.name, k)
+
+    def _pseudo3d(self, k: int) -> Episode:
+        """A supervoxel as the structure (pseudotasks.py): every volume, labelled or not."""
+        case = self.vols[int(self.rng.integers(len(self.vols)))]
+        regions = self.pseudo.regions(case)
+        return self._in_volume(case, regions, "pseudo:" + case.name, k)
+
+    def _in_volume(self, case: Case, labels: np.ndarray, key: str, k: int, tries: int = 5) -> Episode:
+        """Examples are other slices of the same volume, as in Slicer; the prior channel holds
+        what inference puts there (priors.py): nothing, the neighbour's label, a partial target,
+        the fill-between-slices result, or the nearest labelled slice."""
+        values = [int(v) for v in np.unique(labels) if v != 0]
+        label = int(self.rng.choice(values))
         axis = self._axis(case)
-        present = self._slices_with(case, label, axis)
-        if present.size < 2:
-            return self._segment3d(k)
-        q = int(self.rng.choice(present))
-        beyond = self._beyond_end(present, case.labels.shape[axis])
-        if beyond is not None:  # a query past the structure's end: the answer is "nothing here"
-            q, nb_forced = beyond
-        window = int(self.rng.integers(2, 40))
-        near = present[(np.abs(present - q) <= window) & (present != q)]
-        pool = near if near.size else present[present != q]
-        chosen = self.rng.choice(pool, size=k, replace=pool.size < k)
+        present = self._slices_with(key, labels, label, axis)
+        if present.size < 2:  # a structure on one slice cannot be propagated: draw another
+            return self._in_volume(case, labels, key, k, tries - 1) if tries else self._segment3d(k)
         img = np.moveaxis(case.image, axis, 0)
-        lab = np.moveaxis(case.labels, axis, 0)
+        lab = np.moveaxis(labels, axis, 0) == label
+        setup = self.priors.choose(lab, present, k)
+        qbox = self._jitter_box(setup.view if setup.view.any() else lab[setup.query],
+                                self._spacing2d(case, axis))
         sp = self._spacing2d(case, axis)
         ci, ct = [], []
-        for s in chosen:
-            m = lab[s] == label
-            box = self._jitter_box(m, sp)
+        for s in setup.examples:
+            box = self._jitter_box(lab[s], sp)
             ci.append(to_grid(img[s], box, self.grid))
-            ct.append(to_grid(m.astype(np.float32), box, self.grid))
-        # the query's box comes from a neighbour, as in propagation, where the query is unknown
-        step = int(self.rng.choice([-1, 1])) * int(self.rng.integers(1, 4))
-        nb = nb_forced if beyond is not None else int(np.clip(q + step, 0, lab.shape[0] - 1))
-        nb_mask = lab[nb] == label
-        qbox = self._jitter_box(nb_mask if nb_mask.any() else lab[q] == label, sp)
-        qt = to_grid((lab[q] == label).astype(np.float32), qbox, self.grid)
-        prior, valid = self._prior(nb_mask, qt, qbox)
-        return Episode(np.stack(ci), np.stack(ct) > 0.5, to_grid(img[q], qbox, self.grid), qt > 0.5,
-                       prior, valid, task_index("segment"), modality_index(case.modality))
-
-    def _beyond_end(self, present: np.ndarray, n: int) -> tuple[int, int] | None:
-        """Sometimes (20%) a slice 1-3 past either end of the structure, with that end slice as
-        the neighbour: propagation must learn to stop, which queries on the structure never teach."""
-        if self.rng.random() >= 0.2:
-            return None
-        d = int(self.rng.integers(1, 4))
-        end, q = (int(present.max()), int(present.max()) + d) if self.rng.random() < 0.5 else (
-            int(present.min()), int(present.min()) - d)
-        return (q, end) if 0 <= q < n else None
-
-    def _prior(self, nb_mask: np.ndarray, qt: np.ndarray, qbox) -> tuple[np.ndarray, np.ndarray]:
-        """None, a perturbed neighbour label (autoregressive), or a block-masked partial target."""
-        size = self.grid
-        r = self.rng.random()
-        if r < 0.35:
-            return np.zeros((size, size), np.float32), np.zeros((size, size), np.float32)
-        if r < 0.85:
-            m = nb_mask
-            it = int(self.rng.integers(0, 3))
-            if it:
-                op = ndimage.binary_dilation if self.rng.random() < 0.5 else ndimage.binary_erosion
-                m = op(m, iterations=it)
-            prior = to_grid(m.astype(np.float32), qbox, size)
-            return (prior > 0.5).astype(np.float32), np.ones((size, size), np.float32)
-        valid = np.ones((size, size), np.float32)
-        n = size // 4
-        for _ in range(int(self.rng.integers(1, 4))):
-            r0, c0 = self.rng.integers(0, size - n, 2)
-            valid[r0:r0 + n, c0:c0 + n] = 0
-        return (qt > 0.5).astype(np.float32) * valid, valid
+            ct.append(to_grid(lab[s].astype(np.float32), box, self.grid))
+        qt = to_grid(lab[setup.query].astype(np.float32), qbox, self.grid)
+        prior, valid = self.priors.render(setup, qt, qbox, self.grid)
+        return Episode(np.stack(ci), np.stack(ct) > 0.5, to_grid(img[setup.query], qbox, self.grid),
+                       qt > 0.5, prior, valid, task_index("segment"), modality_index(case.modality))
 
     def _segment2d(self, k: int) -> Episode:
         """Cross-subject 2D episodes at the scale inference uses (grid.working_side): thin
