@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import csv
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,15 +23,37 @@ def _losses(run: Path) -> list[float]:
 
 def test_tiny_training_loss_falls_and_resumes(shared_data: Path, tmp_path: Path) -> None:
     cfg = TrainConfig(out=str(tmp_path / "run"), preset="tiny", data=str(shared_data), steps=60,
-                      batch=4, k_max=3, lr=3e-3, checkpoint_every=30, seed=1)
+                      batch=4, k_max=3, lr=3e-3, checkpoint_every=30, seed=1, validate_every=30,
+                      val_episodes=8)
     run = train(cfg, log=lambda m: None)
     losses = _losses(run)
     assert len(losses) == 60
     assert np.mean(losses[-15:]) < np.mean(losses[:15]), "loss did not fall over 60 steps"
     assert (run / "model.safetensors").exists() and (run / "config.json").exists()
+    val = list(csv.DictReader((run / "val.csv").open()))
+    assert [int(r["step"]) for r in val] == [30, 60]
+    assert all(0 <= float(r["seg_dice"]) <= 1 and np.isfinite(float(r["image_psnr"])) for r in val)
+    from PIL import Image
+    assert Image.open(run / "curves.png").size[0] > 400
     cfg.steps = 65
     train(cfg, log=lambda m: None)
     assert len(_losses(run)) == 65  # resumed at step 60, not restarted
+
+
+def test_two_process_ddp_training_on_gloo(shared_data: Path, tmp_path: Path) -> None:
+    """torchrun with two CPU processes (gloo): one process group, rank 0 alone writes the run."""
+    cfg = {"out": str(tmp_path / "ddp"), "preset": "tiny", "data": str(shared_data), "steps": 6,
+           "batch": 2, "k_max": 2, "checkpoint_every": 3, "validate_every": 0, "threads": 1}
+    (tmp_path / "ddp.json").write_text(json.dumps(cfg))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "MedicalGeneralist")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29517", "-m", "MedicalGeneralistLib.cli", "train",
+                           "--config", str(tmp_path / "ddp.json")],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "distributed: 2 processes, backend gloo" in proc.stdout
+    assert len(_losses(tmp_path / "ddp")) == 6  # one row per step, not one per rank
+    assert (tmp_path / "ddp" / "model.safetensors").exists()
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +63,39 @@ def sampler(shared_data: Path) -> EpisodeSampler:
     return EpisodeSampler(load_cases(shared_data, busi_limit=10), grid=64, seed=0)
 
 
-@pytest.mark.parametrize("kind", ["segment3d", "segment2d", "denoise", "inpaint", "synthesize"])
+@pytest.mark.parametrize("kind", ["segment3d", "pseudo3d", "segment2d", "denoise", "inpaint", "synthesize"])
 def test_every_episode_kind_is_well_formed(sampler: EpisodeSampler, kind: str) -> None:
     ep = getattr(sampler, f"_{kind}")(3)
     assert ep.ctx_images.shape == (3, 64, 64) and ep.query.shape == (64, 64)
     assert ep.target.shape == (64, 64) and np.isfinite(ep.ctx_images).all()
     if kind.startswith("segment"):
         assert ep.ctx_targets.any(), "segmentation examples must show the structure"
+
+
+@pytest.mark.parametrize("prior", ["fill", "nearest", "neighbour", "partial", "none"])
+def test_every_prior_kind_reaches_the_episode(shared_data: Path, prior: str) -> None:
+    """Each prior the sampler can draw, alone: a fill-between-slices prior mostly overlaps the
+    truth (it interpolates labelled slices on both sides); "none" leaves the channel empty."""
+    from MedicalGeneralistLib.datasets import load_cases
+
+    cases = [c for c in load_cases(shared_data, busi_limit=0) if c.name in ("totalseg_ct", "voxelmorph")]
+    only = {n: float(n == prior) for n in ("fill", "nearest", "neighbour", "partial", "none")}
+    s = EpisodeSampler(cases, grid=64, seed=3, priors=only)
+    eps = [s._segment3d(3) for _ in range(12)]
+    if prior == "none":
+        assert all(not e.prior.any() and not e.prior_valid.any() for e in eps)
+        return
+    assert all(e.prior_valid.any() for e in eps)
+    overlap = [2 * (e.prior.astype(bool) & e.target).sum() / max(e.prior.sum() + e.target.sum(), 1) for e in eps]
+    if prior == "fill":
+        assert np.mean(overlap) > 0.5, overlap
+
+
+def test_supervoxels_cover_unlabelled_volumes(shared_data: Path) -> None:
+    from MedicalGeneralistLib.datasets import load_cases
+    from MedicalGeneralistLib.pseudotasks import Supervoxels
+
+    case = next(c for c in load_cases(shared_data, busi_limit=0) if c.name == "prostate")
+    regions = Supervoxels().regions(case)
+    assert regions.shape == case.image.shape and case.labels is None
+    assert len(np.unique(regions)) > 10  # many regions, background (0) included

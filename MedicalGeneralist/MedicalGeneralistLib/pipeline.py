@@ -88,7 +88,7 @@ def _segment(model, device, image, examples, options, progress, cancel) -> np.nd
         part = labels[i:i + chunk]
         sub = lambda f, msg, i=i: progress((i + f * len(part)) / len(labels), msg)
         seg = VolumeSegmenter(predictor, slices, spacing, norm, examples, part, t, m, in_volume,
-                              options.segment, sub)
+                              options.segment, sub, thickness=tuple(reversed(image.spacing))[options.axis])
         probs = seg.propagate() if mode == "propagate" else seg.independent()
         top = probs.max(0)
         better = (top > best) & (top >= options.segment.threshold)

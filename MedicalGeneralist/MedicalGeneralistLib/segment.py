@@ -6,8 +6,19 @@ slice's prediction (small structures stay large on the model grid), feeds that p
 query's prior, and adds the predicted pair to a short-term memory that joins the user's examples
 as context (SegGPT/SAM2-style memory; the user's pairs are the long-term memory). Between two
 labelled slices both directions run and are blended with linear weights, so each end pulls the
-result towards its own labels. Outside the labelled span a chain stops after N empty slices.
+result towards its own labels. Outside the labelled span a chain stops after N empty slices, and
+at the latest `extent` times the structure's equivalent radius (sqrt(area/pi) on the slice it
+starts from) past it: a structure rarely reaches further than about its own radius beyond the
+outermost labelled slice, while a chain that misses the end follows the neighbouring tissue to the
+edge of the volume (measured on the training structures, 680 ends, under "a missed end leaks half
+the area until the cap": mean Dice 0.47 uncapped, 0.77 at 1.5 radii with one labelled slice, 0.87
+at 1 radius with several).
 All chains of all labels step in lockstep and are batched together.
+
+Between two labelled slices the query's prior is not the previous prediction but Slicer's own
+"Fill between slices" result (ITK MorphologicalContourInterpolator over the labelled slices): the
+model was trained to correct that classical interpolation (prior-correction episodes), so where
+the classical tool is already good the model starts from it instead of drifting from one end.
 
 Several labels are separate binary runs batched side by side; the overlap rule is: a voxel takes
 the label with the highest probability among those above 0.5. Labelled slices are copied exactly.
@@ -21,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from . import interpolate
 from .examples import Example
 from .grid import Box, box_around, cap_box, from_grid, full_box, structure_width, to_grid, working_side
 from .intensity import Normalizer
@@ -40,6 +52,8 @@ class SegmentSettings:
     max_growth: float = 1.2  # the view may widen to this times the labelled slices' views
     continuity: bool = True  # keep only blobs touching the previous slice's structure
     min_area: float = 0.02  # below this fraction of the labelled area a slice counts as empty
+    fill_prior: bool = True  # between labelled slices, the prior is fill-between-slices' result
+    extent: tuple[float, float] = (1.5, 1.0)  # outward reach in radii: one / several labelled slices
 
 
 @dataclass
@@ -56,6 +70,7 @@ class Chain:
     memory: list[ContextCache] = field(default_factory=list)
     max_side_mm: float = float("inf")  # the view may not widen past this (stops leaks feeding on themselves)
     origin_area: float = 0.0  # foreground pixels on the labelled slice the chain starts from
+    max_steps: int = 1 << 30  # a stopping chain ends after this many slices at the latest
 
     def slice_at(self, t: int) -> int:
         return self.start + self.step * t
@@ -72,8 +87,10 @@ class VolumeSegmenter:
 
     def __init__(self, predictor: Predictor, slices: np.ndarray, spacing: tuple[float, float],
                  norm: Normalizer, examples: list[Example], labels: list[int], task: int,
-                 modality: int, in_volume: bool, settings: SegmentSettings, progress: Progress) -> None:
+                 modality: int, in_volume: bool, settings: SegmentSettings, progress: Progress,
+                 thickness: float | None = None) -> None:
         self.p, self.slices, self.spacing, self.norm = predictor, slices, spacing, norm
+        self.thickness = thickness  # slice spacing along the propagation axis (mm)
         self.examples, self.labels, self.in_volume = examples, labels, in_volume
         self.s = settings
         self.progress = progress
@@ -161,11 +178,38 @@ class VolumeSegmenter:
                     side = max((b.r1 - b.r0) * self.spacing[0] for b in ends) * self.s.max_growth
                     chains.append(Chain(li, origin, step, end, stops, span if not stops else None,
                                         mask.astype(np.float32), box, max_side_mm=side,
-                                        origin_area=float(mask.sum())))
+                                        origin_area=float(mask.sum()),
+                                        max_steps=self._reach(mask, sum(has.values()))))
         return chains
+
+    def _fill_priors(self) -> list[np.ndarray | None]:
+        """Per label: fill between slices over the labelled slices (None where it cannot run)."""
+        if not (self.s.fill_prior and self.s.prior and interpolate.available()):
+            return [None] * len(self.labels)
+        known = {e.slice_index: e.target for e in self.examples if e.slice_index is not None}
+        out = []
+        for value in self.labels:
+            given = [s for s, t in known.items() if np.any(t == value)]
+            if len(given) < 2:
+                out.append(None)
+                continue
+            stack = np.zeros(self.slices.shape, bool)
+            for s in given:
+                stack[s] = known[s] == value
+            out.append(interpolate.fill_between_slices(stack, given))
+        return out
+
+    def _reach(self, mask: np.ndarray, labelled: int) -> int:
+        """Slices a stopping chain may cover: `extent` equivalent radii, at least one slice."""
+        if not self.thickness:
+            return 1 << 30
+        radius = np.sqrt(mask.sum() * self.spacing[0] * self.spacing[1] / np.pi)
+        factor = self.s.extent[0] if labelled < 2 else self.s.extent[1]
+        return max(1, int(np.ceil(factor * radius / self.thickness)))
 
     def propagate(self) -> np.ndarray:
         n, shape = self.slices.shape[0], self.slices.shape[1:]
+        self.fill = self._fill_priors()
         acc = np.zeros((len(self.labels), n) + shape, np.float32)
         wsum = np.zeros((len(self.labels), n), np.float32)
         chains = self._chains()
@@ -178,7 +222,8 @@ class VolumeSegmenter:
                 break
             self._step(chains, t, acc, wsum)
             done += len(chains)
-            chains = [c for c in chains if not (c.stops and c.empties >= self.s.stop_after_empty)]
+            chains = [c for c in chains if not (c.stops and (c.empties >= self.s.stop_after_empty
+                                                             or t >= c.max_steps))]
             self.progress(min(done / total, 1.0), f"propagating: step {t}, {len(chains)} active")
         return (acc / np.maximum(wsum, 1e-6)[..., None, None]).astype(np.float16)
 
@@ -191,12 +236,20 @@ class VolumeSegmenter:
         return self.p.predict(q, cache, "seg", prior if self.s.prior else None,
                               np.ones_like(prior) if self.s.prior else None)
 
+    def _prior_of(self, c: Chain, t: int) -> np.ndarray:
+        """The previous prediction, or between labelled slices the fill-between-slices result."""
+        fill = self.fill[c.label] if c.weight_span is not None else None
+        if fill is None or not fill[c.slice_at(t)].any():
+            return c.prev
+        return fill[c.slice_at(t)].astype(np.float32)
+
     def _step(self, chains: list[Chain], t: int, acc: np.ndarray, wsum: np.ndarray) -> None:
         shape = self.slices.shape[1:]
-        for c in chains:
-            c.box = cap_box(self._box(c.prev > self.s.threshold, c.box), self.spacing, c.max_side_mm)
+        priors = [self._prior_of(c, t) for c in chains]
+        for c, p in zip(chains, priors):
+            c.box = cap_box(self._box(p > self.s.threshold, c.box), self.spacing, c.max_side_mm)
         q = np.stack([to_grid(self.norm(self.slices[c.slice_at(t)]), c.box, self.grid) for c in chains])
-        prior = np.stack([to_grid(c.prev, c.box, self.grid) for c in chains])
+        prior = np.stack([to_grid(p, c.box, self.grid) for c, p in zip(chains, priors)])
         probs = np.concatenate([self._predict_chunk(chains[i:i + n], q[i:i + n], prior[i:i + n])
                                 for n in [self.p.chunk_size(self.grid, self.cache.k + len(chains[0].memory))]
                                 for i in range(0, len(chains), n)])
