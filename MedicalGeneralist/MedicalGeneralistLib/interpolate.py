@@ -51,7 +51,9 @@ def fill_between_slices(masks: np.ndarray, given: list[int], margin: int = 4) ->
     r0, r1 = max(rows[0] - margin, 0), min(rows[-1] + 1 + margin, masks.shape[1])
     c0, c1 = max(cols[0] - margin, 0), min(cols[-1] + 1 + margin, masks.shape[2])
     z0, z1 = given[0], given[-1] + 1
-    part = np.ascontiguousarray(known[z0:z1, r0:r1, c0:c1].astype(np.uint8))
+    # 16-bit: the filter labels connected pieces in the input's pixel type (more than 255 pieces
+    # of a fragmented structure overflow 8 bits and ITK raises)
+    part = np.ascontiguousarray(known[z0:z1, r0:r1, c0:c1].astype(np.uint16))
     filled = itk.morphological_contour_interpolator(itk.image_from_array(part), axis=2)
     out[z0:z1, r0:r1, c0:c1] = itk.array_from_image(filled) > 0
     return out

@@ -93,7 +93,10 @@ class PriorSampler:
                                    self.rng.choice(right, size=k - a, replace=right.size < k - a)])
         lo, hi = int(examples.min()), int(examples.max())
         given = sorted({int(s) - lo for s in examples})
-        source = fill_between_slices(lab[lo:hi + 1], given)[q - lo]
+        try:
+            source = fill_between_slices(lab[lo:hi + 1], given)[q - lo]
+        except RuntimeError:  # ITK refuses some shapes; the episode becomes a neighbour one
+            return None
         return Setup(q, examples, "fill", source, source if source.any() else lab[int(examples[0])])
 
     def _nearest(self, lab: np.ndarray, present: np.ndarray, k: int) -> Setup:

@@ -196,7 +196,10 @@ class VolumeSegmenter:
             stack = np.zeros(self.slices.shape, bool)
             for s in given:
                 stack[s] = known[s] == value
-            out.append(interpolate.fill_between_slices(stack, given))
+            try:
+                out.append(interpolate.fill_between_slices(stack, given))
+            except RuntimeError:  # ITK refused this structure: propagate from the neighbours
+                out.append(None)
         return out
 
     def _reach(self, mask: np.ndarray, labelled: int) -> int:
