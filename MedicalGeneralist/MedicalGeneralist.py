@@ -35,9 +35,20 @@ TORCH_REQUIREMENT = ">=2.2"
 # Slicer's IO), so they are skipped as dependencies and monai goes in without its deps.
 PIP_REQUIREMENTS = [("monai>=1.4", "monai"), ("safetensors>=0.4", "safetensors"),
                     ("huggingface_hub>=0.24", "huggingface_hub"), ("jsonschema>=4.20", "jsonschema"),
-                    ("scipy>=1.10", "scipy")]
+                    ("scipy>=1.10", "scipy"), ("scikit-image>=0.22", "skimage"),
+                    # fill between slices as the model's prior between labelled slices (optional:
+                    # without it propagation falls back to the neighbour's prediction)
+                    ("itk-morphologicalcontourinterpolation>=2.1", "itk.MorphologicalContourInterpolationPython")]
 PROTECTED_PACKAGES = ["torch", "numpy", "SimpleITK", "vtk"]
 ANATOMICAL = {0: _("sagittal"), 1: _("coronal"), 2: _("axial")}
+
+
+def _importable(module: str) -> bool:
+    """find_spec without importing: a dotted name raises when its parent package is missing."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def configureResources() -> None:
@@ -136,7 +147,7 @@ def ensureDependencies(askConfirmation: bool = True) -> None:
         return
     if importlib.util.find_spec("torch") is None:
         _installTorch(askConfirmation)
-    missing = [req for req, module in PIP_REQUIREMENTS if importlib.util.find_spec(module) is None]
+    missing = [req for req, module in PIP_REQUIREMENTS if not _importable(module)]
     if missing:
         _pipInstall(missing, askConfirmation)
     still = missingDependencies()
