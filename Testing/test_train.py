@@ -99,3 +99,25 @@ def test_supervoxels_cover_unlabelled_volumes(shared_data: Path) -> None:
     regions = Supervoxels().regions(case)
     assert regions.shape == case.image.shape and case.labels is None
     assert len(np.unique(regions)) > 10  # many regions, background (0) included
+
+
+def test_augmentation_moves_every_array_of_an_episode_together(sampler: EpisodeSampler) -> None:
+    """Flips and turns apply to images, targets and prior alike: a target defined pixel-wise
+    from its image still matches it after augmentation, whichever transforms were drawn."""
+    import copy
+
+    from MedicalGeneralistLib.augment import augment
+    from MedicalGeneralistLib.config import task_index
+
+    rng = np.random.default_rng(0)
+    for _ in range(12):
+        ep = sampler._denoise(3)  # image task: geometric transforms only
+        ep.ctx_targets = ep.ctx_images > np.median(ep.ctx_images)
+        ep.target = ep.query > np.median(ep.query)
+        ep.prior, before = ep.query.copy(), copy.deepcopy(ep)
+        out = augment(ep, rng)
+        assert np.array_equal(out.ctx_targets, out.ctx_images > np.median(before.ctx_images))
+        assert np.array_equal(out.target, out.query > np.median(before.query))
+        assert np.array_equal(out.prior, out.query) and out.target.sum() == before.target.sum()
+    seg = sampler._segment3d(2)
+    assert seg.task == task_index("segment") and augment(seg, rng).ctx_targets.dtype == bool

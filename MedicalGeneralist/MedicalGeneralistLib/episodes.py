@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from .augment import augment
 from .config import modality_index, task_index
 from .datasets import Case
 from .imagetasks import classical_fill
@@ -42,8 +43,9 @@ class EpisodeSampler:
     """Draws task-mixed episodes; every batch mixes tasks so the model cannot ignore its pairs."""
 
     def __init__(self, cases: list[Case], grid: int, weights: dict[str, float] | None = None,
-                 seed: int = 0, priors: dict[str, float] | None = None) -> None:
+                 seed: int = 0, priors: dict[str, float] | None = None, augment: bool = True) -> None:
         self.rng = np.random.default_rng(seed)
+        self.augment = augment
         self.priors = PriorSampler(self.rng, priors)
         self.pseudo = Supervoxels()
         self.grid = grid
@@ -85,7 +87,8 @@ class EpisodeSampler:
         names = [n for n, w in self.weights.items() if w > 0]
         p = np.asarray([self.weights[n] for n in names], dtype=float)
         name = names[int(self.rng.choice(len(names), p=p / p.sum()))]
-        return getattr(self, f"_{name}")(k)
+        episode = getattr(self, f"_{name}")(k)
+        return augment(episode, self.rng) if self.augment else episode
 
     def _segment3d(self, k: int) -> Episode:
         case = self.vol_seg[int(self.rng.integers(len(self.vol_seg)))]

@@ -210,7 +210,7 @@ def _validation_batches(cases, cfg: TrainConfig, grid: int) -> list[dict[str, np
     held = [c for c in cases if c.name in cfg.holdout]
     if not held or not cfg.validate_every:
         return []
-    sampler = EpisodeSampler(held, grid, cfg.task_weights or None, seed=12345, priors=cfg.priors)
+    sampler = EpisodeSampler(held, grid, cfg.task_weights or None, seed=12345, priors=cfg.priors, augment=False)
     sampler.weights = {n: w for n, w in sampler.weights.items() if _can_draw(sampler, n)}
     episodes = [sampler.sample(3) for _ in range(cfg.val_episodes)]
     return [collate(episodes[i:i + cfg.batch]) for i in range(0, len(episodes), cfg.batch)]
