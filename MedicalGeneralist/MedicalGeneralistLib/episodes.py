@@ -18,7 +18,7 @@ from scipy import ndimage
 from .augment import augment
 from .config import modality_index, task_index
 from .datasets import Case
-from .imagetasks import classical_fill
+from .imagetasks import classical_fill, linear_start
 from .grid import Box, box_around, crop, full_box, structure_width, to_grid, working_side
 from .priors import PriorSampler
 from .pseudotasks import Supervoxels
@@ -228,8 +228,9 @@ class EpisodeSampler:
         src, dst = self.rng.choice(list(case.contrasts), size=2, replace=False)
         pairs = self._native_crops(case, k + 1, [case.contrasts[src], case.contrasts[dst]])
         z = np.zeros_like(pairs[0][0])
-        return Episode(np.stack([p[0] for p in pairs[1:]]), np.stack([p[1] for p in pairs[1:]]),
-                       pairs[0][0], pairs[0][1], z, z, task_index("synthesize"),
+        ctx_x, ctx_y = np.stack([p[0] for p in pairs[1:]]), np.stack([p[1] for p in pairs[1:]])
+        query = linear_start(ctx_x, ctx_y, pairs[0][0])  # as inference starts it
+        return Episode(ctx_x, ctx_y, query, pairs[0][1], z, z, task_index("synthesize"),
                        modality_index(case.modality))
 
 
