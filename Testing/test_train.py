@@ -121,3 +121,17 @@ def test_augmentation_moves_every_array_of_an_episode_together(sampler: EpisodeS
         assert np.array_equal(out.prior, out.query) and out.target.sum() == before.target.sum()
     seg = sampler._segment3d(2)
     assert seg.task == task_index("segment") and augment(seg, rng).ctx_targets.dtype == bool
+
+
+def test_synthesis_starts_from_the_examples_linear_map(shared_data: Path) -> None:
+    """The synthesis query starts from a linear map fitted on the example pairs (real BraTS
+    T1 -> T2 slices): closer to the truth than the raw T1, and a no-op without foreground."""
+    from MedicalGeneralistLib.datasets import load_cases
+    from MedicalGeneralistLib.imagetasks import linear_start
+
+    case = next(c for c in load_cases(shared_data, busi_limit=0) if c.name == "TCGA-DU-7294")
+    t1, t2 = case.contrasts["t1"], case.contrasts["t2"]
+    start = linear_start(t1[[60, 100]], t2[[60, 100]], t1[80])
+    assert np.mean((start - t2[80]) ** 2) < 0.5 * np.mean((t1[80] - t2[80]) ** 2)
+    blank = np.zeros((2, 8, 8), np.float32)
+    assert np.array_equal(linear_start(blank, blank, t1[80]), t1[80])
