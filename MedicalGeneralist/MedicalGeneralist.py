@@ -36,6 +36,7 @@ TORCH_REQUIREMENT = ">=2.2"
 PIP_REQUIREMENTS = [("monai>=1.4", "monai"), ("safetensors>=0.4", "safetensors"),
                     ("huggingface_hub>=0.24", "huggingface_hub"), ("jsonschema>=4.20", "jsonschema"),
                     ("scipy>=1.10", "scipy"), ("scikit-image>=0.22", "skimage"),
+                    ("PyWavelets>=1.4", "pywt"),
                     # fill between slices as the model's prior between labelled slices (optional:
                     # without it propagation falls back to the neighbour's prediction)
                     ("itk-morphologicalcontourinterpolation>=2.1", "itk.MorphologicalContourInterpolationPython")]

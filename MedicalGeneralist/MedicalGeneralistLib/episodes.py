@@ -18,7 +18,7 @@ from scipy import ndimage
 from .augment import augment
 from .config import modality_index, task_index
 from .datasets import Case
-from .imagetasks import classical_fill, linear_start
+from .imagetasks import classical_denoise, classical_fill, linear_start
 from .grid import Box, box_around, crop, full_box, structure_width, to_grid, working_side
 from .priors import PriorSampler
 from .pseudotasks import Supervoxels
@@ -184,7 +184,8 @@ class EpisodeSampler:
         crops = [c[0] for c in self._native_crops(case, k + 1, [case.image])]
         noisy = [self._noise(c, case.modality, level) for c in crops]
         z = np.zeros_like(crops[0])
-        return Episode(np.stack(noisy[1:]), np.stack(crops[1:]), noisy[0], crops[0], z, z,
+        query = classical_denoise(noisy[0][None])[0]  # as inference starts it
+        return Episode(np.stack(noisy[1:]), np.stack(crops[1:]), query, crops[0], z, z,
                        task_index("denoise"), modality_index(case.modality))
 
     def _noise(self, x: np.ndarray, modality: str, level: float) -> np.ndarray:
