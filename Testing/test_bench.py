@@ -220,12 +220,14 @@ def test_folder_layout_becomes_a_configuration(tmp_path: Path) -> None:
     assert [c.task for c in cfg.image_cases] == ["denoise"]
 
 
-def test_untrained_model_scores_exactly_the_noisy_input(tmp_path: Path) -> None:
+def test_untrained_model_returns_its_classical_start(tmp_path: Path) -> None:
     """Plumbing check on the user layout: a fresh network's image head is the identity, so its
-    'denoised' volume must score exactly like the noisy input (no scaling, axis or slice mix-up)."""
+    'denoised' volume is exactly the non-local-means start (imagetasks.classical_denoise) mapped
+    back to the input's units; it must clearly beat the noisy input, which a scaling, axis or
+    slice mix-up would not."""
     cfg = bench_data.config_from_folder(_layout(tmp_path / "data"), quick=True)
     torch.manual_seed(0)
     rows, _ = bench.image_tasks(InContextUNet().eval(), cfg, "cpu", lambda m: None)
     m = rows["rows"][0]["methods"]
-    assert m["ours"]["psnr"] == pytest.approx(m["noisy input"]["psnr"], abs=1e-3)
-    assert m["ours"]["ssim"] == pytest.approx(m["noisy input"]["ssim"], abs=1e-4)
+    assert m["ours"]["psnr"] > m["noisy input"]["psnr"] + 1.0
+    assert m["ours"]["ssim"] > m["noisy input"]["ssim"]
