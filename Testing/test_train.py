@@ -131,7 +131,7 @@ def test_synthesis_starts_from_the_examples_linear_map(shared_data: Path) -> Non
 
     case = next(c for c in load_cases(shared_data, busi_limit=0) if c.name == "TCGA-DU-7294")
     t1, t2 = case.contrasts["t1"], case.contrasts["t2"]
-    start = linear_start(t1[[60, 100]], t2[[60, 100]], t1[80])
+    start = linear_start(t1[[60, 100]], t2[[60, 100]])(t1[80])
     assert np.mean((start - t2[80]) ** 2) < 0.5 * np.mean((t1[80] - t2[80]) ** 2)
     blank = np.zeros((2, 8, 8), np.float32)
-    assert np.array_equal(linear_start(blank, blank, t1[80]), t1[80])
+    assert np.array_equal(linear_start(blank, blank)(t1[80]), t1[80])

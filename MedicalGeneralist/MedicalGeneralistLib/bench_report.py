@@ -447,6 +447,13 @@ def _save(fig, path: Path) -> bool:
     return True
 
 
+def _dice_vs_k(ax, rows: list[dict]) -> None:
+    """One line per method (ours drawn thicker): mean Dice against k."""
+    for method in dict.fromkeys(r["method"] for r in rows):
+        pts = sorted((r["k"], r["dice"]) for r in rows if r["method"] == method)
+        ax.plot(*zip(*pts), marker="o", lw=2.5 if method == "ours" else 1.2, label=method)
+
+
 def _plot_propagation(p: dict, _pics: dict, path: Path) -> bool:
     import matplotlib.pyplot as plt
     groups = [g for g in ("no", "yes", "unknown") if any(r["seen"] == g for r in p["summary"])]
@@ -455,9 +462,7 @@ def _plot_propagation(p: dict, _pics: dict, path: Path) -> bool:
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.6), squeeze=False)
     for ax, g in zip(axes[0], groups):
         rows = [r for r in p["summary"] if r["seen"] == g]
-        for method in dict.fromkeys(r["method"] for r in rows):
-            pts = sorted((r["k"], r["dice"]) for r in rows if r["method"] == method)
-            ax.plot(*zip(*pts), marker="o", lw=2.5 if method == "ours" else 1.2, label=method)
+        _dice_vs_k(ax, rows)
         ax.set(xlabel="labelled slices k", ylabel="mean Dice", ylim=(0, 1),
                title={"no": "held out from training", "yes": "seen in training"}.get(g, "seen: unknown"))
         ax.set_xticks(sorted({r["k"] for r in rows}))
@@ -474,9 +479,7 @@ def _plot_cross(c: dict, _pics: dict, path: Path) -> bool:
     fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 3.6), squeeze=False)
     for ax, name in zip(axes[0], sets):
         rows = [r for r in c["summary"] if r["set"] == name]
-        for method in dict.fromkeys(r["method"] for r in rows):
-            pts = sorted((r["k"], r["dice"]) for r in rows if r["method"] == method)
-            ax.plot(*zip(*pts), marker="o", lw=2.5 if method == "ours" else 1.2, label=method)
+        _dice_vs_k(ax, rows)
         ax.set(xlabel="examples k", ylabel="mean Dice", ylim=(0, 1), xscale="log", title=name)
         ax.set_xticks(sorted({r["k"] for r in rows}), [str(k) for k in sorted({r["k"] for r in rows})])
         ax.grid(alpha=0.3)

@@ -113,9 +113,8 @@ class EpisodeSampler:
         img = np.moveaxis(case.image, axis, 0)
         lab = np.moveaxis(labels, axis, 0) == label
         setup = self.priors.choose(lab, present, k)
-        qbox = self._jitter_box(setup.view if setup.view.any() else lab[setup.query],
-                                self._spacing2d(case, axis))
         sp = self._spacing2d(case, axis)
+        qbox = self._jitter_box(setup.view if setup.view.any() else lab[setup.query], sp)
         ci, ct = [], []
         for s in setup.examples:
             box = self._jitter_box(lab[s], sp)
@@ -230,7 +229,7 @@ class EpisodeSampler:
         pairs = self._native_crops(case, k + 1, [case.contrasts[src], case.contrasts[dst]])
         z = np.zeros_like(pairs[0][0])
         ctx_x, ctx_y = np.stack([p[0] for p in pairs[1:]]), np.stack([p[1] for p in pairs[1:]])
-        query = linear_start(ctx_x, ctx_y, pairs[0][0])  # as inference starts it
+        query = linear_start(ctx_x, ctx_y)(pairs[0][0])  # as inference starts it
         return Episode(ctx_x, ctx_y, query, pairs[0][1], z, z, task_index("synthesize"),
                        modality_index(case.modality))
 

@@ -58,17 +58,17 @@ def classical_denoise(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def linear_start(ctx_x: np.ndarray, ctx_y: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """The synthesis query's starting point: a least-squares linear intensity map fitted on the
-    example pairs' foreground (numpy.polyfit), applied to the query; background takes the
-    examples' mean background. As with inpainting, the model's residual output corrects the
-    baseline users already have instead of starting from the wrong contrast."""
+def linear_start(ctx_x: np.ndarray, ctx_y: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """The synthesis query's starting point: a least-squares linear intensity map fitted once on
+    the example pairs' foreground (numpy.polyfit), returned as a function to apply to queries;
+    background takes the examples' mean background. As with inpainting, the model's residual
+    output corrects the baseline users already have instead of starting from the wrong contrast."""
     fg = ctx_x > 0.02
     if fg.sum() < 10:
-        return x
+        return lambda x: x
     a, b = np.polyfit(ctx_x[fg].astype(np.float64), ctx_y[fg].astype(np.float64), 1)
     bg = float(ctx_y[~fg].mean()) if (~fg).any() else 0.0
-    return np.where(x > 0.02, a * x + b, bg).astype(np.float32)
+    return lambda x: np.where(x > 0.02, a * x + b, bg).astype(np.float32)
 
 
 def example_grids(examples: list[Example], size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -83,16 +83,23 @@ def encode_examples(p: Predictor, examples: list[Example], task: int, modality: 
     return p.encode(imgs[None], tgts[None], task, modality)
 
 
+def _start(examples: list[Example], task: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Where the query starts (normalised units): the classical answer the model corrects."""
+    if task == task_index("synthesize"):
+        return linear_start(*(np.concatenate([a.ravel() for a in arrays]) for arrays in zip(
+            *[(e.image_norm(e.image), e.target_norm(e.target)) for e in examples])))
+    if task == task_index("denoise"):
+        return classical_denoise
+    return lambda x: x  # inpainting: the biharmonic start needs the holes (channels below)
+
+
 def run_image_task(p: Predictor, slices: np.ndarray, examples: list[Example], task: int,
                    modality: int, in_norm: Normalizer, out_norm: Normalizer,
                    holes: np.ndarray | None, progress: Progress, batch: int = 4) -> np.ndarray:
     """slices: [n, H, W] input units; holes: [n, H, W] bool for inpainting. Returns output units."""
     cache = encode_examples(p, examples, task, modality)
     size = p.model.config.grid
-    synthesis = task == task_index("synthesize")
-    if synthesis:
-        ex_x, ex_y = (np.concatenate([a.ravel() for a in arrays]) for arrays in zip(
-            *[(e.image_norm(e.image), e.target_norm(e.target)) for e in examples]))
+    start = _start(examples, task)
     n = slices.shape[0]
     out = np.empty(slices.shape, np.float32)
     todo = [i for i in range(n) if holes is None or holes[i].any()]
@@ -101,8 +108,7 @@ def run_image_task(p: Predictor, slices: np.ndarray, examples: list[Example], ta
     for j in range(0, len(todo), batch):
         idx = todo[j:j + batch]
         x = in_norm(slices[idx])
-        channels = [linear_start(ex_x, ex_y, x) if synthesis else
-                    classical_denoise(x) if task == task_index("denoise") else x]
+        channels = [start(x)]
         if holes is not None:
             valid = (~holes[idx]).astype(np.float32)
             channels = [classical_fill(x, holes[idx]), x * valid, valid]

@@ -17,6 +17,7 @@ import csv
 import json
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,13 +104,11 @@ def train(cfg: TrainConfig, log=print) -> Path:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(mcfg.to_json())
-    model = InContextUNet(mcfg)
+    model = InContextUNet(mcfg).to(device)  # before the optimizer: its resumed state follows
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     step = _resume(out, model, opt, log if rank == 0 else lambda m: None)
     if step == 0 and cfg.init:
         model.load_state_dict(load_file(cfg.init))
-    model.to(device)
-    _optimizer_to(opt, device)
     net = model
     if world > 1:  # find_unused: a batch without segmentation episodes leaves the seg head idle
         net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
@@ -151,7 +150,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
         if step % cfg.checkpoint_every == 0:
             _save(out, model, opt, step)
         if cfg.validate_every and step % cfg.validate_every == 0:
-            _validate(model, validation, dice, out, step, device, log)
+            _validate(model, validation, out, step, device, log)
     if rank == 0:
         _save(out, model, opt, step)
         log_file.close()
@@ -191,18 +190,11 @@ def _out_of_time(cfg: TrainConfig, start: float, world: int, device: torch.devic
 
 
 def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 def _to(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
     return {n: torch.from_numpy(v).to(device) for n, v in arrays.items()}
-
-
-def _optimizer_to(opt: torch.optim.Optimizer, device: torch.device) -> None:
-    for state in opt.state.values():
-        for n, v in state.items():
-            if torch.is_tensor(v) and n != "step":
-                state[n] = v.to(device)
 
 
 def _validation_batches(cases, cfg: TrainConfig, grid: int) -> list[dict[str, np.ndarray]]:
@@ -223,8 +215,8 @@ def _can_draw(sampler: EpisodeSampler, name: str) -> bool:
 
 
 @torch.no_grad()
-def _validate(model: InContextUNet, batches, dice: DiceLoss, out: Path, step: int,
-              device: torch.device, log) -> None:
+def _validate(model: InContextUNet, batches, out: Path, step: int, device: torch.device,
+              log) -> None:
     """Held-out Dice (segmentation, thresholded) and PSNR (image tasks, range 1) -> val.csv."""
     if not batches:
         return
