@@ -52,17 +52,6 @@ def _importable(module: str) -> bool:
         return False
 
 
-def configureResources() -> None:
-    """Point the engine at the registry, weights and sample data installed with the module.
-
-    In the source tree the engine finds the top-level Resources/ itself; in an installed
-    extension those files sit in the module's Resources/ folder (see CMakeLists.txt).
-    """
-    installed = os.path.join(MODULE_DIR, "Resources")
-    if "MEDGEN_RESOURCES" not in os.environ and os.path.isfile(os.path.join(installed, "Models.json")):
-        os.environ["MEDGEN_RESOURCES"] = installed
-
-
 #
 # MedicalGeneralist
 #
@@ -91,7 +80,6 @@ Developed by the MedicalGeneralist contributors. Built on PyTorch and MONAI. The
 derived from the MNI ICBM152 2009a template (Fonov et al., NeuroImage 2011; Copyright (C)
 1993-2009 Louis Collins, McConnell Brain Imaging Centre, Montreal Neurological Institute).
 """)
-        configureResources()
 
 
 #
@@ -375,7 +363,7 @@ class MedicalGeneralistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         combo = self.ui.modelComboBox
         combo.clear()
         try:
-            from MedicalGeneralistLib import weights  # imports torch: may be missing before setup
+            from medgen.io import weights  # imports torch: may be missing before setup
 
             for entry in weights.list_models():
                 state = "" if entry.get("available") else _(" (downloads on first use)")
@@ -532,7 +520,7 @@ class MedicalGeneralistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self._finish(job)
 
     def _finish(self, job) -> None:
-        from MedicalGeneralistLib.errors import MedGenError
+        from medgen.core.errors import MedGenError
 
         if job.error is not None:
             self.ui.statusLabel.text = _("Failed: nothing was written.")
@@ -571,7 +559,6 @@ class MedicalGeneralistLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        configureResources()
 
     def getParameterNode(self):
         return MedicalGeneralistParameterNode(super().getParameterNode())
@@ -631,7 +618,8 @@ class MedicalGeneralistLogic(ScriptedLoadableModuleLogic):
         examples: (volume, numpy axis, slice index, target) tuples; options: the fields of
         slicer_run.RunRequest (segment_names, model, device, modality, range_mode, ...).
         """
-        from MedicalGeneralistLib import slicer_io, slicer_run
+        from MedicalGeneralistLib import slicer_io
+        from MedicalGeneralistLib import slicer_run
 
         rows = [e if isinstance(e, slicer_io.ExampleSlice) else slicer_io.ExampleSlice(*e) for e in examples]
         request = slicer_run.RunRequest(inputVolume, task, rows, **options)
@@ -657,7 +645,7 @@ class MedicalGeneralistTest(ScriptedLoadableModuleTest):
 
     def _sample(self):
         ensureDependencies(askConfirmation=not slicer.app.testingEnabled())
-        from MedicalGeneralistLib.weights import resources_root
+        from medgen.io.weights import resources_root
 
         root = resources_root() / "SampleData"
         volume = slicer.util.loadVolume(str(root / "mni152_t1_2mm.nii.gz"))

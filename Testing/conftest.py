@@ -32,8 +32,9 @@ import torch  # noqa: E402
 torch.set_num_threads(max(1, min(int(os.environ.get("MEDGEN_TEST_THREADS", "2")), 2)))
 
 from medgen_helpers import SAMPLE_T1, SAMPLE_TISSUE, SHARED_DATA, Case, write_case  # noqa: E402
-from MedicalGeneralistLib import imageio, weights  # noqa: E402
-from MedicalGeneralistLib.volume import Volume  # noqa: E402
+from medgen.io import images as imageio
+from medgen.io import weights  # noqa: E402
+from medgen.core.volume import Volume  # noqa: E402
 
 
 _SCORES: list[tuple[str, str, object]] = []

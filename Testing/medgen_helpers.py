@@ -10,7 +10,7 @@ import SimpleITK as sitk
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-SAMPLE_DIR = REPO_ROOT / "Resources" / "SampleData"
+SAMPLE_DIR = REPO_ROOT / "MedicalGeneralist" / "medgen" / "resources" / "SampleData"
 SAMPLE_T1 = SAMPLE_DIR / "mni152_t1_2mm.nii.gz"
 SAMPLE_TISSUE = SAMPLE_DIR / "mni152_tissue_2mm.nii.gz"
 

@@ -15,12 +15,12 @@ import SimpleITK as sitk
 import torch
 
 from medgen_helpers import Case, files_in, like, sitk_slab, SAMPLE_T1, SAMPLE_TISSUE
-from MedicalGeneralistLib import cli
-from MedicalGeneralistLib.examples import pairs_from_volumes
-from MedicalGeneralistLib.imageio import read_volume
-from MedicalGeneralistLib.pipeline import RunOptions, run
-from MedicalGeneralistLib.volume import Volume
-from MedicalGeneralistLib.weights import REPO_ROOT as ENGINE_ROOT
+from medgen import cli
+from medgen.prompts import pairs_from_volumes
+from medgen.io.images import read_volume
+from medgen.infer.pipeline import RunOptions, run
+from medgen.core.volume import Volume
+from medgen.io import weights as W
 
 
 @pytest.fixture
@@ -140,7 +140,7 @@ def test_non_finite_voxels(capsys, small_case: Case, tmp_path: Path, out_dir: Pa
 def test_non_finite_voxels_in_nifti_never_reach_the_model(small_case: Case, tmp_path: Path) -> None:
     """SimpleITK's NIfTI reader turns NaN/Inf into 0 before the engine sees them (nibabel still
     reads them from the same file): read_volume must either refuse the file or return finite data."""
-    from MedicalGeneralistLib.errors import InputError
+    from medgen.core.errors import InputError
     image = sitk.ReadImage(str(small_case.image))
     array = sitk.GetArrayFromImage(image).astype(np.float32)
     array[4, 40, 30], array[5, 41, 31] = np.nan, np.inf
@@ -228,7 +228,7 @@ def test_unknown_model_id(capsys, small_case: Case, out_dir: Path) -> None:
 def test_corrupt_weights(capsys, small_case: Case, tmp_path: Path, out_dir: Path) -> None:
     ckpt = tmp_path / "broken_ckpt"
     ckpt.mkdir()
-    shutil.copy(ENGINE_ROOT / "Resources" / "Models" / "medgen-small" / "config.json", ckpt / "config.json")
+    shutil.copy(W.RESOURCES / "Models" / "medgen-small" / "config.json", ckpt / "config.json")
     rng = np.random.default_rng(0)
     (ckpt / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json" + rng.bytes(2048))
     argv = _run(small_case, out_dir / "seg.nii.gz", "--context-target", str(small_case.labels),
@@ -239,7 +239,7 @@ def test_corrupt_weights(capsys, small_case: Case, tmp_path: Path, out_dir: Path
 def test_truncated_registry_weights_fail_checksum(capsys, small_case: Case, tmp_path: Path, out_dir: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A registry model whose file was cut short is refused by its sha256, before loading."""
-    src = ENGINE_ROOT / "Resources"
+    src = W.RESOURCES
     res = tmp_path / "Resources"
     res.mkdir()
     for name in ("Models.json", "Models.schema.json"):
@@ -247,7 +247,7 @@ def test_truncated_registry_weights_fail_checksum(capsys, small_case: Case, tmp_
     shutil.copytree(src / "Models", res / "Models")
     weights = res / "Models" / "medgen-small" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1000])
-    monkeypatch.setenv("MEDGEN_RESOURCES", str(res))
+    monkeypatch.setattr(W, "RESOURCES", res)
     argv = _run(small_case, out_dir / "seg.nii.gz", "--context-target", str(small_case.labels),
                 "--context-slices", "1,8")
     _fails(capsys, argv, "checksum mismatch", out_dir)
@@ -329,7 +329,7 @@ def test_cancelled_run_returns_none(model, slab) -> None:
 @pytest.mark.parametrize("mode, cancel_at", [("propagate", 4), ("independent", 2)])
 def test_cancel_in_the_middle(model, slab, mode: str, cancel_at: int) -> None:
     """Cancelling after a few model calls (mid-propagation) also returns None, not a partial result."""
-    from MedicalGeneralistLib.segment import SegmentSettings
+    from medgen.infer.segment import SegmentSettings
     image, labels = slab
     examples = pairs_from_volumes(image, labels, 0, [0, 7], "segment", "mr", own=True)
     calls = []

@@ -18,11 +18,15 @@ import SimpleITK as sitk
 import torch
 from medgen_helpers import SAMPLE_T1, SAMPLE_TISSUE, dice, sitk_slab
 
-from MedicalGeneralistLib import bench, bench_baselines as bl, bench_data
-from MedicalGeneralistLib.bench_speed import universeg_flops, universeg_reference
-from MedicalGeneralistLib.imageio import read_volume
-from MedicalGeneralistLib.intensity import fit_normalizer
-from MedicalGeneralistLib.model import InContextUNet, count_parameters
+from medgen_dev.bench import runner as bench
+
+from medgen_dev.bench import baselines as bl
+
+from medgen_dev.bench import data as bench_data
+from medgen_dev.bench.speed import universeg_flops, universeg_reference
+from medgen.io.images import read_volume
+from medgen.core.intensity import fit_normalizer
+from medgen.nn.model import InContextUNet, count_parameters
 
 
 def _finite_leaves(node, path: str = "") -> list[str]:

@@ -20,7 +20,7 @@ import SimpleITK as sitk
 
 from medgen_helpers import (SAMPLE_T1, SAMPLE_TISSUE, Case, assert_same_geometry, files_in, like,
                             sitk_slab, write_case)
-from MedicalGeneralistLib import cli
+from medgen import cli
 
 
 def _medgen(*argv: str) -> int:

@@ -14,9 +14,9 @@ import pytest
 import SimpleITK as sitk
 
 from medgen_helpers import SAMPLE_T1, assert_same_geometry, oblique_direction, write_case
-from MedicalGeneralistLib import cli
-from MedicalGeneralistLib.imageio import read_volume, write_volume
-from MedicalGeneralistLib.volume import Volume, parse_axis
+from medgen import cli
+from medgen.io.images import read_volume, write_volume
+from medgen.core.volume import Volume, parse_axis
 
 SPACING = (0.7, 1.3, 3.1)
 ORIGIN = (-12.5, 40.25, 7.0)
@@ -182,12 +182,12 @@ def test_dicom_single_file(shared_data: Path) -> None:
     np.testing.assert_allclose(volume.spacing, image.GetSpacing())
     np.testing.assert_allclose(volume.origin, image.GetOrigin())
     assert volume.array.min() < -500 and volume.array.max() > 100  # Hounsfield units
-    from MedicalGeneralistLib.intensity import guess_modality
+    from medgen.core.intensity import guess_modality
     assert guess_modality(volume.array) == "ct"
 
 
 def test_write_refuses_unknown_extension(tmp_path: Path, sample_t1: Volume) -> None:
-    from MedicalGeneralistLib.errors import InputError
+    from medgen.core.errors import InputError
     with pytest.raises(InputError, match="cannot write"):
         write_volume(sample_t1, tmp_path / "x.xyz")
     assert not (tmp_path / "x.xyz").exists()

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from MedicalGeneralistLib.config import ModelConfig, modality_index, task_index
-from MedicalGeneralistLib.examples import pairs_from_volumes
-from MedicalGeneralistLib.intensity import fit_normalizer
-from MedicalGeneralistLib.model import InContextUNet, count_parameters
-from MedicalGeneralistLib.pipeline import RunOptions, run
-from MedicalGeneralistLib.segment import SegmentSettings
-from MedicalGeneralistLib.volume import Volume
+from medgen.core.config import ModelConfig, modality_index, task_index
+from medgen.prompts import pairs_from_volumes
+from medgen.core.intensity import fit_normalizer
+from medgen.nn.model import InContextUNet, count_parameters
+from medgen.infer.pipeline import RunOptions, run
+from medgen.infer.segment import SegmentSettings
+from medgen.core.volume import Volume
 
 SEG, MR = task_index("segment"), modality_index("mr")
 

@@ -16,11 +16,11 @@ import pytest
 import SimpleITK as sitk
 
 from medgen_helpers import dice
-from MedicalGeneralistLib.examples import pairs_from_volumes
-from MedicalGeneralistLib.imageio import read_volume
-from MedicalGeneralistLib.pipeline import RunOptions, run
-from MedicalGeneralistLib.segment import SegmentSettings
-from MedicalGeneralistLib.volume import parse_axis
+from medgen.prompts import pairs_from_volumes
+from medgen.io.images import read_volume
+from medgen.infer.pipeline import RunOptions, run
+from medgen.infer.segment import SegmentSettings
+from medgen.core.volume import parse_axis
 
 LABELS = (4, 43)  # Left- and Right-Lateral-Ventricle
 GIVEN = (8, 18, 28, 38)  # labelled axial slices (numpy axis 1 of the crop)

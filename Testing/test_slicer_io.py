@@ -8,9 +8,9 @@ import pytest
 from test_slicer_scene import T1, TISSUE, Scene, mrml, oblique_ijk_to_ras, slicer, vtk, vtk_image_bytes  # noqa: F401
 
 from MedicalGeneralistLib import slicer_io as io  # noqa: E402
-from MedicalGeneralistLib.errors import InputError  # noqa: E402
-from MedicalGeneralistLib.imageio import read_volume, write_volume  # noqa: E402
-from MedicalGeneralistLib.volume import Volume  # noqa: E402
+from medgen.core.errors import InputError  # noqa: E402
+from medgen.io.images import read_volume, write_volume  # noqa: E402
+from medgen.core.volume import Volume  # noqa: E402
 
 
 def _save(mrml: Scene, node, path) -> None:

@@ -14,8 +14,8 @@ from test_slicer_scene import T1, TISSUE, Scene, mrml, slicer  # noqa: F401
 pytest.importorskip("torch")
 from MedicalGeneralistLib import slicer_io as io  # noqa: E402
 from MedicalGeneralistLib import slicer_run as sr  # noqa: E402
-from MedicalGeneralistLib.errors import InputError  # noqa: E402
-from MedicalGeneralistLib.imageio import read_volume  # noqa: E402
+from medgen.core.errors import InputError  # noqa: E402
+from medgen.io.images import read_volume  # noqa: E402
 
 NAMES = ["grey matter", "white matter"]
 

@@ -24,7 +24,7 @@ vtk.vtkLogger.SetStderrVerbosity(vtk.vtkLogger.VERBOSITY_OFF)
 vtk.vtkObject.GlobalWarningDisplayOff()
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO / "Resources" / "SampleData"
+SAMPLE = REPO / "MedicalGeneralist" / "medgen" / "resources" / "SampleData"
 T1 = SAMPLE / "mni152_t1_2mm.nii.gz"
 TISSUE = SAMPLE / "mni152_tissue_2mm.nii.gz"
 TISSUE_NAMES = {1: "grey matter", 2: "white matter"}

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from MedicalGeneralistLib.episodes import EpisodeSampler
-from MedicalGeneralistLib.train import TrainConfig, train
+from medgen_dev.train.episodes import EpisodeSampler
+from medgen_dev.train.trainer import TrainConfig, train
 
 
 def _losses(run: Path) -> list[float]:
@@ -47,7 +47,7 @@ def test_two_process_ddp_training_on_gloo(shared_data: Path, tmp_path: Path) -> 
     (tmp_path / "ddp.json").write_text(json.dumps(cfg))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "MedicalGeneralist")}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29517", "-m", "MedicalGeneralistLib.cli", "train",
+                           "--master_port", "29517", "-m", "medgen.cli", "train",
                            "--config", str(tmp_path / "ddp.json")],
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -58,7 +58,7 @@ def test_two_process_ddp_training_on_gloo(shared_data: Path, tmp_path: Path) -> 
 
 @pytest.fixture(scope="module")
 def sampler(shared_data: Path) -> EpisodeSampler:
-    from MedicalGeneralistLib.datasets import load_cases
+    from medgen_dev.train.datasets import load_cases
 
     return EpisodeSampler(load_cases(shared_data, busi_limit=10), grid=64, seed=0)
 
@@ -76,7 +76,7 @@ def test_every_episode_kind_is_well_formed(sampler: EpisodeSampler, kind: str) -
 def test_every_prior_kind_reaches_the_episode(shared_data: Path, prior: str) -> None:
     """Each prior the sampler can draw, alone: a fill-between-slices prior mostly overlaps the
     truth (it interpolates labelled slices on both sides); "none" leaves the channel empty."""
-    from MedicalGeneralistLib.datasets import load_cases
+    from medgen_dev.train.datasets import load_cases
 
     cases = [c for c in load_cases(shared_data, busi_limit=0) if c.name in ("totalseg_ct", "voxelmorph")]
     only = {n: float(n == prior) for n in ("fill", "nearest", "neighbour", "partial", "none")}
@@ -92,8 +92,8 @@ def test_every_prior_kind_reaches_the_episode(shared_data: Path, prior: str) -> 
 
 
 def test_supervoxels_cover_unlabelled_volumes(shared_data: Path) -> None:
-    from MedicalGeneralistLib.datasets import load_cases
-    from MedicalGeneralistLib.pseudotasks import Supervoxels
+    from medgen_dev.train.datasets import load_cases
+    from medgen_dev.train.pseudotasks import Supervoxels
 
     case = next(c for c in load_cases(shared_data, busi_limit=0) if c.name == "prostate")
     regions = Supervoxels().regions(case)
@@ -106,8 +106,8 @@ def test_augmentation_moves_every_array_of_an_episode_together(sampler: EpisodeS
     from its image still matches it after augmentation, whichever transforms were drawn."""
     import copy
 
-    from MedicalGeneralistLib.augment import augment
-    from MedicalGeneralistLib.config import task_index
+    from medgen_dev.train.augment import augment
+    from medgen.core.config import task_index
 
     rng = np.random.default_rng(0)
     for _ in range(12):
@@ -126,8 +126,8 @@ def test_augmentation_moves_every_array_of_an_episode_together(sampler: EpisodeS
 def test_synthesis_starts_from_the_examples_linear_map(shared_data: Path) -> None:
     """The synthesis query starts from a linear map fitted on the example pairs (real BraTS
     T1 -> T2 slices): closer to the truth than the raw T1, and a no-op without foreground."""
-    from MedicalGeneralistLib.datasets import load_cases
-    from MedicalGeneralistLib.imagetasks import linear_start
+    from medgen_dev.train.datasets import load_cases
+    from medgen.infer.imagetasks import linear_start
 
     case = next(c for c in load_cases(shared_data, busi_limit=0) if c.name == "TCGA-DU-7294")
     t1, t2 = case.contrasts["t1"], case.contrasts["t2"]

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from MedicalGeneralistLib import weights as W
-from MedicalGeneralistLib.config import MODALITIES, PRESETS, TASKS
-from MedicalGeneralistLib.errors import MedGenError, WeightsError
-from MedicalGeneralistLib.model import InContextUNet, count_parameters
+from medgen.io import weights as W
+from medgen.core.config import MODALITIES, PRESETS, TASKS
+from medgen.core.errors import MedGenError, WeightsError
+from medgen.nn.model import InContextUNet, count_parameters
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 OTHER_COMMIT = "f" * 40
@@ -25,7 +25,6 @@ def no_network(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf_home" / "hub"))
-    monkeypatch.delenv("MEDGEN_RESOURCES", raising=False)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +56,7 @@ def resources(tmp_path: Path, ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> Pa
     entry = _entry("medgen-tiny", {"type": "file", "path": "Models/tiny"}, weights,
                    card="Models/tiny/MODEL_CARD.md")
     _write_registry(root, "medgen-tiny", [entry])
-    monkeypatch.setenv("MEDGEN_RESOURCES", str(root))
+    monkeypatch.setattr(W, "RESOURCES", root)
     return root
 
 
@@ -226,14 +225,14 @@ def test_registry_invalid(resources: Path, mutate, message: str) -> None:
 
 
 def test_no_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MEDGEN_RESOURCES", str(tmp_path))
+    monkeypatch.setattr(W, "RESOURCES", tmp_path)
     with pytest.raises(WeightsError, match="no model registry"):
         W.resolve_model(None)
 
 
 def test_schema_vocabularies_match_config() -> None:
     """The schema is static JSON: it must follow TASKS/MODALITIES when they grow."""
-    schema = json.loads((W.REPO_ROOT / "Resources" / W.SCHEMA_FILE).read_text())
+    schema = json.loads((W.PACKAGE_RESOURCES / W.SCHEMA_FILE).read_text())
     props = schema["$defs"]["model"]["properties"]
     assert tuple(props["tasks"]["items"]["enum"]) == TASKS
     assert tuple(props["modalities"]["items"]["enum"]) == MODALITIES

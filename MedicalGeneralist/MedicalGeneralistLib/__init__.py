@@ -1,10 +1,4 @@
-"""MedicalGeneralist engine: an in-context medical image-to-image model, with no Slicer or Qt.
+"""The Slicer module's own code (MRML in and out, runs started from the GUI); no Qt.
 
-OpenMP's default busy-waiting makes torch 10-20x slower on a CPU shared with anything else (a
-Slicer GUI, a second job); passive waiting costs nothing measurable when the CPU is free. It only
-takes effect if set before torch is first imported, hence here.
+The engine it drives is the `medgen` package beside it.
 """
-
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -22,9 +22,9 @@ import slicer
 import slicer.util
 import vtk
 
-from .errors import InputError
-from .examples import Example, check_pair, pairs_from_volumes
-from .volume import Volume
+from medgen.core.errors import InputError
+from medgen.prompts import Example, check_pair, pairs_from_volumes
+from medgen.core.volume import Volume
 
 MRMLNode = Any  # MRML classes come from the running Slicer or the slicer-core wheel
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])

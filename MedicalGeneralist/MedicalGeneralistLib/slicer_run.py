@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import slicer_io as io
-from .config import IMAGE_TASKS, MODALITIES, TASKS
-from .errors import InputError
-from .examples import inpaint_self_examples
-from .intensity import guess_modality
-from .pipeline import RunOptions, run
-from .segment import SegmentSettings
-from .volume import Volume, anatomical_axis
+from MedicalGeneralistLib import slicer_io as io
+from medgen.core.config import IMAGE_TASKS, MODALITIES, TASKS
+from medgen.core.errors import InputError
+from medgen.prompts import inpaint_self_examples
+from medgen.core.intensity import guess_modality
+from medgen.infer.pipeline import RunOptions, run
+from medgen.infer.segment import SegmentSettings
+from medgen.core.volume import Volume, anatomical_axis
 
 Progress = Callable[[float, str], None]
 RANGE_MODES = ("whole", "between", "around")
@@ -148,7 +148,7 @@ _MODELS_LOCK = threading.Lock()
 
 def cached_model(spec: str | None):
     """Load a model once per session (checksum checked on first load); hub models may download."""
-    from .weights import load_model
+    from medgen.io.weights import load_model
 
     key = spec or "default"
     with _MODELS_LOCK:

@@ -1,0 +1,5 @@
+"""`python -m medgen` = the `medgen` command."""
+
+from medgen.cli import entry
+
+entry()

@@ -1,0 +1,111 @@
+"""`medgen`: the command line. Its options are a contract other tools call exactly as documented.
+
+User errors (MedGenError) print one line saying what was wrong and what to do, exit with 2 and
+leave no output file; outputs are written to a temporary name and renamed only on success.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from medgen.core.config import TASKS
+from medgen.core.errors import MedGenError
+
+EXIT_USAGE = 2
+# Developer commands live in medgen_dev (a checkout, never the wheel or Slicer); their options are
+# parsed there, so building this parser imports neither the benchmark nor the trainer.
+DEV_COMMANDS = {
+    "bench": ("medgen_dev.bench.runner", "accuracy against users' baselines, speed and memory"),
+    "train": ("medgen_dev.train.trainer", "train a model from a YAML/JSON config"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medgen", description="In-context medical image-to-image "
+                                     "model: show a few example pairs, get the rest of the volume done.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="do a task on an image or volume from example pairs")
+    r.add_argument("--task", required=True, choices=TASKS)
+    r.add_argument("--image", required=True, help="query image or volume (NIfTI, NRRD, MHA, DICOM folder, PNG/JPG)")
+    r.add_argument("--out", required=True, help="output file (.nii.gz, .nrrd, .mha, .png)")
+    r.add_argument("--context-image", action="append", default=[], help="example input (repeatable)")
+    r.add_argument("--context-target", action="append", default=[], help="example target (repeatable, paired in order)")
+    r.add_argument("--context-slices", help="slice indices along --axis, e.g. 12,40,71")
+    r.add_argument("--axis", default=None, help="0, 1, 2, axial, coronal or sagittal (default: axial)")
+    r.add_argument("--mask", help="inpainting mask: non-zero voxels are filled")
+    r.add_argument("--modality", choices=["ct", "mr", "xray", "us", "other"], help="default: guessed (CT from HU values, else other)")
+    r.add_argument("--model", default=None, help="model id from Models.json, a local path, or hf://org/repo@revision")
+    r.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    r.add_argument("--adapt-steps", type=int, default=0, help="test-time fine-tuning steps on the examples (default 0)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--mode", choices=["propagate", "independent"], default="propagate",
+                   help="segmentation inside one volume: march from the labelled slices, or each slice alone")
+    r.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    m = sub.add_parser("models", help="list, verify or download models")
+    m.add_argument("action", nargs="?", default="list", choices=["list", "verify", "download"])
+    m.add_argument("id", nargs="?")
+    d = sub.add_parser("demo", help="run the shipped demo (no network, no shared data needed)")
+    d.add_argument("--out", default="medgen-demo", help="output folder (default: ./medgen-demo)")
+    d.add_argument("--device", default="auto")
+    for name, (_module, text) in DEV_COMMANDS.items():
+        dev = sub.add_parser(name, help=text + " (developer command: needs a checkout)", add_help=False)
+        dev.add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in DEV_COMMANDS:
+        return _dev_command(argv[0], argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            from medgen.commands import run_command
+            return run_command(args)
+        if args.command == "models":
+            from medgen.commands import models_command
+            return models_command(args)
+        if args.command == "demo":
+            from medgen.demo import run_demo
+            run_demo(Path(args.out), device=args.device)
+            return 0
+    except MedGenError as err:
+        print(f"medgen: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("medgen: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return EXIT_USAGE
+
+
+def _dev_command(name: str, rest: list[str]) -> int:
+    import importlib
+
+    try:
+        module = importlib.import_module(DEV_COMMANDS[name][0])
+    except ModuleNotFoundError as err:
+        print(f"medgen: error: `medgen {name}` is a developer command and needs a checkout of the "
+              f"repository (pip install -e . there); this installation has no {err.name}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return module.main(rest)
+    except MedGenError as err:
+        print(f"medgen: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("medgen: interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:
+    """Console-script entry point."""
+    os.environ.setdefault("KMP_WARNINGS", "0")
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,138 @@
+"""What `medgen run` and `medgen models` do, once the arguments are parsed.
+
+Kept apart from the parser so the order of checks is readable: everything that can be checked
+before the model runs (files, shapes, grids, device, weights, output path) is checked first, so a
+mistake costs seconds, not a full propagation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from medgen.core.device import resolve_device
+from medgen.core.errors import InputError
+from medgen.prompts import Example, check_pair, inpaint_self_examples, pairs_from_volumes, parse_slices
+from medgen.io.images import check_writable, read_volume, write_volume
+from medgen.core.intensity import guess_modality
+from medgen.infer.pipeline import RunOptions, run
+from medgen.infer.segment import SegmentSettings
+from medgen.core.volume import Volume, parse_axis
+from medgen.io.weights import download_model, list_models, load_model, verify_model
+
+
+def gather_examples(args: argparse.Namespace, image: Volume, axis_spec) -> list[Example]:
+    """Example pairs from --context-image/--context-target (or the image itself)."""
+    task, slices = args.task, parse_slices(args.context_slices)
+    synth = task == "synthesize"
+    if args.context_image:
+        if len(args.context_image) != len(args.context_target):
+            raise InputError(f"{len(args.context_image)} --context-image but {len(args.context_target)} "
+                             "--context-target: give one target per context image, in the same order")
+        examples = []
+        for ip, tp in zip(args.context_image, args.context_target):
+            ci, ct = read_volume(ip), read_volume(tp, label=task == "segment")
+            check_pair(ci, ct, f"context pair {ip} / {tp}", same_grid=True)
+            axis = 0 if ci.is_2d else parse_axis(axis_spec, ci)
+            examples += pairs_from_volumes(ci, ct, axis, slices, task, args.modality, own=False)
+        return examples
+    if args.context_target:
+        if len(args.context_target) > 1:
+            raise InputError("without --context-image, give one --context-target: the labels (or "
+                             "second contrast) of --image itself")
+        target = read_volume(args.context_target[0], label=task == "segment")
+        if target.shape != image.shape:
+            raise InputError(f"--context-target shape {target.shape} differs from --image shape "
+                             f"{image.shape}: targets of the image itself must share its grid")
+        if not image.same_grid(target):
+            what = "second contrast" if synth else "target"
+            raise InputError(f"the {what} is not on the image's grid (spacing, origin or direction "
+                             "differ): resample it onto the image first (register it for synthesis)")
+        axis = parse_axis(axis_spec, image)
+        return pairs_from_volumes(image, target, axis, slices, task, args.modality, own=True)
+    if task == "inpaint" and args.mask:
+        return []  # made from the image itself once the mask is read
+    raise InputError("no examples: give --context-target (labels of this image) or "
+                     "--context-image with --context-target (examples from other images)")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    out = check_writable(args.out)
+    resolve_device(args.device)
+    image = read_volume(args.image)
+    if out.suffix.lower() == ".png" and image.shape[0] > 1:
+        raise InputError(f"{out}: a PNG holds one 2D image but the input has {image.shape[0]} slices: "
+                         "write .nii.gz, .nrrd or .mha")
+    args.modality = args.modality or guess_modality(image.array)
+    axis = parse_axis(args.axis, image)
+    mask = read_volume(args.mask, label=True) if args.mask else None
+    examples = gather_examples(args, image, args.axis)
+    if args.task == "inpaint" and not examples:
+        if mask is None or mask.shape != image.shape:
+            raise InputError("inpaint needs --mask with the image's shape")
+        examples = inpaint_self_examples(image, mask, axis, args.modality)
+    model, info = load_model(args.model, device="cpu")
+    options = RunOptions(args.task, axis, args.modality, args.device, args.threads, args.seed,
+                         args.adapt_steps, segment=SegmentSettings(mode=args.mode))
+    if not args.quiet:
+        print(f"medgen: {args.task} with {len(examples)} example(s), model {info.id}, "
+              f"modality {args.modality}, axis {axis}", file=sys.stderr)
+    with _progress_bar(args.quiet) as progress:
+        result = run(model, image, examples, options, mask=mask, progress=progress)
+    if result is None:
+        print("medgen: cancelled; nothing was written", file=sys.stderr)
+        return 1
+    _write_atomically(result, out)
+    if not args.quiet:
+        print(f"medgen: wrote {out}", file=sys.stderr)
+    return 0
+
+
+def _write_atomically(result: Volume, out: Path) -> None:
+    """Write beside the target and rename: a crash never leaves a half-written output."""
+    name = out.name
+    with tempfile.TemporaryDirectory(dir=out.parent if str(out.parent) else ".") as tmp:
+        tmp_path = write_volume(result, Path(tmp) / name)
+        tmp_path.replace(out)
+
+
+class _progress_bar:
+    """A tqdm bar on stderr fed by the engine's (fraction, message) callback."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+
+    def __enter__(self):
+        if self.quiet:
+            return lambda f, m: None
+        from tqdm import tqdm
+        self.bar = tqdm(total=1000, file=sys.stderr, bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
+
+        def update(fraction: float, message: str) -> None:
+            self.bar.n = int(fraction * 1000)
+            self.bar.set_postfix_str(message, refresh=True)
+        return update
+
+    def __exit__(self, *exc) -> None:
+        if not self.quiet:
+            self.bar.close()
+
+
+def models_command(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        for m in list_models():
+            flag = "*" if m.get("default") else " "
+            state = "available" if m.get("available") else "not downloaded"
+            print(f"{flag} {m['id']:<24} {m['parameters'] / 1e6:5.2f}M  {','.join(m['tasks'])}  "
+                  f"{','.join(m['modalities'])}  {m['license']}  [{state}]")
+        return 0
+    if not args.id:
+        raise InputError(f"medgen models {args.action} needs a model id: see `medgen models list`")
+    if args.action == "verify":
+        print(verify_model(args.id))
+    else:
+        resolved = download_model(args.id)
+        print(f"{args.id}: {resolved.weights_path}")
+    return 0

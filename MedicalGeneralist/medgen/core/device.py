@@ -1,0 +1,67 @@
+"""Where the model runs and how much it may hold at once.
+
+The memory guard sizes batches from the memory actually free (CUDA: `mem_get_info`; CPU: the
+kernel's MemAvailable) instead of from a fixed constant, so a large volume is processed in more,
+smaller chunks rather than crashing a radiologist's Slicer session.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+
+import torch
+
+from medgen.core.errors import InputError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' picks CUDA, then Apple MPS, then CPU; an explicit device must exist."""
+    name = (name or "auto").lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but this torch has no usable CUDA GPU "
+                         f"(torch {torch.__version__}): use --device cpu or auto, or install a CUDA build")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InputError("--device mps was asked for but Apple MPS is not available: use cpu or auto")
+    if name not in ("cpu", "mps") and not name.startswith("cuda"):
+        raise InputError(f"unknown device {name!r}: use auto, cpu, cuda or mps")
+    return torch.device(name)
+
+
+def set_threads(threads: int | None) -> None:
+    """CPU threads for torch; None or 0 leaves torch's default (all cores)."""
+    if threads:
+        torch.set_num_threads(int(threads))
+
+
+def autocast(device: torch.device):
+    """Mixed precision on CUDA only: CPU bfloat16 is slower than float32 on most CPUs."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return nullcontext()
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory available for new tensors on the device."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+def batch_limit(bytes_per_item: int, device: torch.device, fraction: float = 0.25,
+                cap: int = 64) -> int:
+    """How many items fit into a fraction of free memory (at least one, at most `cap`)."""
+    return max(1, min(cap, int(free_bytes(device) * fraction // max(bytes_per_item, 1))))

@@ -1,0 +1,149 @@
+"""One call from (volume, examples, task) to the output volume: the engine's public entry point.
+
+Used by the command line, the Slicer Logic and the tests alike, so that every front end gets the
+same checks, cancellation and geometry. A cancelled run returns None and has written nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from medgen.core.config import IMAGE_TASKS, modality_index, task_index
+from medgen.core.device import free_bytes, resolve_device, set_threads
+from medgen.core.errors import Cancelled, InputError
+from medgen.prompts import Example, check_examples, example_labels
+from medgen.core.grid import box_around, full_box, to_grid
+from medgen.infer.imagetasks import example_grids, run_image_task
+from medgen.core.intensity import fit_normalizer
+from medgen.nn.model import InContextUNet
+from medgen.infer.predictor import Predictor
+from medgen.infer.segment import SegmentSettings, VolumeSegmenter, combine_labels, label_dtype
+from medgen.core.volume import Volume, slice_view
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass
+class RunOptions:
+    task: str
+    axis: int = 0
+    modality: str = "other"
+    device: str = "auto"
+    threads: int | None = None
+    seed: int = 0
+    adapt_steps: int = 0
+    adapt_seconds: float = 0.0
+    segment: SegmentSettings = field(default_factory=SegmentSettings)
+
+
+def run(model: InContextUNet, image: Volume, examples: list[Example], options: RunOptions,
+        mask: Volume | None = None, progress: Progress | None = None,
+        cancel: Callable[[], bool] | None = None) -> Volume | None:
+    """Do the task the examples show on every slice of `image`; None when cancelled."""
+    progress = progress or (lambda f, m: None)
+    task = options.task
+    task_index(task)
+    check_examples(examples, task)
+    _check_shapes(image, examples, options.axis)
+    torch.manual_seed(options.seed)
+    np.random.seed(options.seed)
+    set_threads(options.threads)
+    device = resolve_device(options.device)
+    try:
+        if task == "segment":
+            return image.with_array(_segment(model, device, image, examples, options, progress, cancel))
+        return image.with_array(_image_task(model, device, image, examples, options, mask, progress, cancel))
+    except Cancelled:
+        return None
+
+
+def _check_shapes(image: Volume, examples: list[Example], axis: int) -> None:
+    if image.array.ndim != 3:
+        raise InputError(f"the image has shape {image.shape}: a 3D volume or a 2D image is needed")
+    for e in examples:
+        if e.image.shape != e.target.shape:
+            raise InputError(f"an example's image {e.image.shape} and target {e.target.shape} differ in size")
+    if not 0 <= axis < 3:
+        raise InputError(f"axis {axis} is out of range: use 0, 1 or 2")
+
+
+def _segment(model, device, image, examples, options, progress, cancel) -> np.ndarray:
+    labels = example_labels(examples)
+    slices = slice_view(image.array, options.axis)
+    norm = fit_normalizer(image.array, options.modality)
+    spacing = image.slice_spacing(options.axis)
+    in_volume = all(e.slice_index is not None for e in examples) and not image.is_2d
+    mode = options.segment.mode if in_volume else "independent"
+    t, m = task_index("segment"), modality_index(options.modality)
+    predictor = Predictor(_adapted(model, device, examples, options, in_volume, cancel), device, cancel)
+    best = np.zeros(slices.shape, np.float16)
+    out = np.zeros(slices.shape, label_dtype(labels))
+    per_label = slices[0].size * slices.shape[0] * 6
+    chunk = max(1, min(len(labels), int(free_bytes(torch.device("cpu")) * 0.3 // per_label)))
+    for i in range(0, len(labels), chunk):
+        part = labels[i:i + chunk]
+        sub = lambda f, msg, i=i: progress((i + f * len(part)) / len(labels), msg)
+        seg = VolumeSegmenter(predictor, slices, spacing, norm, examples, part, t, m, in_volume,
+                              options.segment, sub, thickness=tuple(reversed(image.spacing))[options.axis])
+        probs = seg.propagate() if mode == "propagate" else seg.independent()
+        top = probs.max(0)
+        better = (top > best) & (top >= options.segment.threshold)
+        out[better] = combine_labels(probs, part, options.segment.threshold)[better]
+        best = np.maximum(best, top)
+        del probs
+    for e in examples:
+        if e.slice_index is not None:
+            out[e.slice_index] = np.where(np.isin(e.target, labels), e.target, 0)
+    progress(1.0, "done")
+    return np.ascontiguousarray(np.moveaxis(out, 0, options.axis))
+
+
+def _adapted(model, device, examples, options, in_volume, cancel=None) -> InContextUNet:
+    """Test-time adaptation on grid crops of the examples (no-op unless asked for)."""
+    if options.adapt_steps <= 0 and options.adapt_seconds <= 0:
+        return model
+    grid = model.config.grid
+    if options.task == "segment":
+        labels = example_labels(examples)
+        imgs, tgts = [], []
+        for value in labels:
+            boxes = [(box_around(e.target == value, e.spacing) if in_volume else None)
+                     or full_box(e.image.shape, e.spacing) for e in examples]
+            imgs.append([to_grid(e.image_norm(e.image), b, grid) for e, b in zip(examples, boxes)])
+            tgts.append([(to_grid((e.target == value).astype(np.float32), b, grid) > 0.5)
+                         for e, b in zip(examples, boxes)])
+        images, targets = np.asarray(imgs, np.float32), np.asarray(tgts, np.float32)
+    else:
+        images, targets = (g[None] for g in example_grids(examples, grid))
+    from medgen.infer.adapt import adapt  # imports MONAI's losses: only when adaptation is asked for
+
+    model = model.to(device)
+    return adapt(model, images, targets, task_index(options.task), modality_index(options.modality),
+                 options.adapt_steps, options.adapt_seconds, seed=options.seed, cancel=cancel)
+
+
+def _image_task(model, device, image, examples, options, mask, progress, cancel) -> np.ndarray:
+    slices = slice_view(image.array, options.axis).astype(np.float32)
+    in_norm = fit_normalizer(image.array, options.modality)
+    out_norm = in_norm if options.task != "synthesize" else examples[0].target_norm
+    holes = None
+    if options.task == "inpaint":
+        if mask is None:
+            raise InputError("inpaint needs --mask: a volume or image marking the region to fill")
+        if mask.shape != image.shape:
+            raise InputError(f"the mask's shape {mask.shape} differs from the image's {image.shape}")
+        holes = slice_view(mask.array != 0, options.axis)
+        if not holes.any():
+            raise InputError("the inpainting mask is empty: mark the region to fill with non-zero voxels")
+    predictor = Predictor(_adapted(model, device, examples, options, False, cancel), device, cancel)
+    out = run_image_task(predictor, slices, examples, task_index(options.task),
+                         modality_index(options.modality), in_norm, out_norm, holes, progress)
+    progress(1.0, "done")
+    return np.ascontiguousarray(np.moveaxis(out, 0, options.axis))
+
+
+__all__ = ["run", "RunOptions", "SegmentSettings", "IMAGE_TASKS"]

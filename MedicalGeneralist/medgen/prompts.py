@@ -1,0 +1,149 @@
+"""Example pairs (the prompt): building them from volumes, slices and 2D images, with checks.
+
+An `Example` is one context pair in native slice pixels plus what is needed to bring it to the
+model: its normalisers and, when it is a slice of the query volume itself, its index (which makes
+propagation possible and lets labelled slices be copied exactly into the output).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from medgen.core.errors import InputError
+from medgen.core.intensity import Normalizer, fit_normalizer
+from medgen.core.volume import Volume, take_slice
+
+
+@dataclass
+class Example:
+    image: np.ndarray  # 2D, input units
+    target: np.ndarray  # 2D: label values (segment) or intensities (image tasks)
+    spacing: tuple[float, float]
+    image_norm: Normalizer
+    target_norm: Normalizer | None = None
+    slice_index: int | None = None  # set when the pair is a slice of the query volume
+    center: tuple[int, int] | None = None  # where image tasks should look (e.g. the hole)
+
+
+def example_labels(examples: list[Example]) -> list[int]:
+    """The label values the examples show (each becomes one output label)."""
+    return sorted({int(v) for e in examples for v in np.unique(e.target) if v != 0})
+
+
+def labelled_slices(target: Volume, axis: int) -> list[int]:
+    """Every slice of a label volume that holds any label (the default labelled slices)."""
+    other = tuple(a for a in range(3) if a != axis)
+    return [int(i) for i in np.nonzero(np.any(target.array != 0, axis=other))[0]]
+
+
+def parse_slices(text: str | None) -> list[int] | None:
+    """'12,40,71' -> [12, 40, 71], with a message for anything else."""
+    if text is None or str(text).strip() == "":
+        return None
+    try:
+        return sorted({int(t) for t in str(text).replace(" ", "").split(",") if t})
+    except ValueError as err:
+        raise InputError(f"--context-slices {text!r}: give comma-separated slice indices like 12,40,71") from err
+
+
+def check_pair(image: Volume, target: Volume, what: str, same_grid: bool = False) -> None:
+    if image.shape != target.shape:
+        raise InputError(f"{what}: image shape {image.shape} and target shape {target.shape} differ: "
+                         "each context image needs a target of the same size")
+    if same_grid and not image.same_grid(target):
+        raise InputError(f"{what}: image and target are on different grids (spacing, origin or "
+                         "direction differ): resample the target onto the image first "
+                         "(e.g. SimpleITK Resample or Slicer's Resample Scalar/Vector/DWI Volume)")
+
+
+def pairs_from_volumes(image: Volume, target: Volume, axis: int, indices: list[int] | None,
+                       task: str, modality: str, own: bool) -> list[Example]:
+    """Examples from one (image, target) pair of volumes; 2D pairs give one example.
+
+    `own` marks slices of the query volume itself, so propagation knows where they sit.
+    """
+    if image.is_2d:
+        indices, axis = [0], 0
+    elif indices is None:
+        indices = labelled_slices(target, axis) if task == "segment" else _spread(image.shape[axis])
+    if not indices:
+        raise InputError("no labelled slice found in the context target: label at least one slice "
+                         "or name them with --context-slices")
+    img_norm = fit_normalizer(image.array, modality)
+    tgt_norm = None if task == "segment" else (
+        img_norm if task in ("denoise", "inpaint") else fit_normalizer(target.array, modality))
+    spacing = image.slice_spacing(axis)
+    return [Example(take_slice(image.array, axis, i).astype(np.float32), take_slice(target.array, axis, i),
+                    spacing, img_norm, tgt_norm, i if own else None) for i in indices]
+
+
+def _spread(n: int, count: int = 8) -> list[int]:
+    """Evenly spread slices from the middle 80% of a volume (image tasks need no labels)."""
+    lo, hi = int(n * 0.1), max(int(n * 0.9) - 1, int(n * 0.1))
+    return sorted({int(round(v)) for v in np.linspace(lo, hi, min(count, n))})
+
+
+def check_examples(examples: list[Example], task: str) -> None:
+    """Refuse prompts the model cannot learn from."""
+    if not examples:
+        raise InputError("no examples were given: pass --context-target (and --context-image for "
+                         "other volumes) so the model can see what to do")
+    if task == "segment" and not any(np.any(e.target != 0) for e in examples):
+        raise InputError("the example targets hold no label at all: paint the structure on at "
+                         "least one example slice")
+    for e in examples:
+        if e.target.dtype.kind == "f" and not np.isfinite(e.target).all():
+            raise InputError("an example target holds NaN or Inf values: replace them first")
+        if task == "segment" and e.target.dtype.kind == "f" and np.any(e.target != np.round(e.target)):
+            raise InputError("an example segmentation holds fractional values (a probability map?): "
+                             "give a label image with whole-number labels, e.g. threshold it at 0.5")
+        if task == "segment" and e.target.min() < 0:
+            raise InputError("an example segmentation holds negative labels: use labels 1, 2, ...")
+
+
+def inpaint_self_examples(image: Volume, mask: Volume, axis: int, modality: str,
+                          count: int = 6) -> list[Example]:
+    """Examples for inpainting without a prompt: the same hole applied to intact slices.
+
+    For a 2D image the hole is moved to intact places of the same image instead.
+    """
+    norm = fit_normalizer(image.array, modality)
+    spacing = image.slice_spacing(axis)
+    holes = np.moveaxis(mask.array != 0, axis, 0)
+    imgs = np.moveaxis(image.array, axis, 0).astype(np.float32)
+    with_hole = [i for i in range(holes.shape[0]) if holes[i].any()]
+    if not with_hole:
+        raise InputError("the inpainting mask is empty: mark the region to fill with non-zero voxels")
+    hole = holes[with_hole[len(with_hole) // 2]]
+    if image.is_2d:
+        return _shifted_holes(imgs[0], hole, spacing, norm, count)
+    intact = [i for i in range(imgs.shape[0]) if not holes[i].any() and imgs[i].std() > 0]
+    if not intact:
+        return _shifted_holes(imgs[with_hole[0]], hole, spacing, norm, count)
+    picks = [intact[int(j)] for j in np.linspace(0, len(intact) - 1, min(count, len(intact)))]
+    centre = tuple(int(v) for v in np.mean(np.nonzero(hole), axis=1))
+    return [Example(imgs[i] * ~hole, imgs[i], spacing, norm, norm, None, centre) for i in picks]
+
+
+def _shifted_holes(img: np.ndarray, hole: np.ndarray, spacing, norm: Normalizer,
+                   count: int) -> list[Example]:
+    rows, cols = np.nonzero(hole)
+    h, w = img.shape
+    out = []
+    rng = np.random.default_rng(0)
+    for _ in range(count * 10):
+        dr = int(rng.integers(-rows.min(), h - rows.max()))
+        dc = int(rng.integers(-cols.min(), w - cols.max()))
+        moved = np.zeros_like(hole)
+        moved[rows + dr, cols + dc] = True
+        if not (moved & hole).any():
+            centre = (int(rows.mean()) + dr, int(cols.mean()) + dc)
+            out.append(Example(img * ~moved, img, spacing, norm, norm, None, centre))
+        if len(out) == count:
+            break
+    if not out:
+        raise InputError("the inpainting hole covers too much of the image to make examples from "
+                         "it: pass example pairs with --context-image/--context-target")
+    return out

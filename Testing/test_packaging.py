@@ -1,0 +1,82 @@
+"""Packaging that only a Slicer build or an install would otherwise catch: listed files, metadata.
+
+slicerMacroBuildScriptedModule installs only the files CMakeLists.txt names, so an engine file
+missing from the list breaks the installed extension with an ImportError; these checks run in
+plain Python (no Slicer, no slicer-core).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MODULE = REPO / "MedicalGeneralist"
+
+
+def _cmake_list(text: str, variable: str) -> list[str]:
+    body = re.search(rf"set\({variable}\s+(.*?)\)", text, re.S).group(1)
+    return [line.strip() for line in body.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+def _runtime_files() -> tuple[set[str], set[str]]:
+    """(scripts, resources) that must ship: the module, its glue and the medgen package."""
+    scripts = {"MedicalGeneralist.py"} | {str(p.relative_to(MODULE)) for p in (MODULE / "MedicalGeneralistLib").glob("*.py")}
+    scripts |= {str(p.relative_to(MODULE)) for p in (MODULE / "medgen").rglob("*.py")}
+    data = {str(p.relative_to(MODULE)) for p in (MODULE / "medgen" / "resources").rglob("*")
+            if p.is_file() and p.suffix != ".py" and "__pycache__" not in p.parts}
+    return scripts, data
+
+
+def test_every_runtime_file_is_installed_and_nothing_else() -> None:
+    cmake = (MODULE / "CMakeLists.txt").read_text()
+    listed = {s.replace("${MODULE_NAME}", "MedicalGeneralist") for s in _cmake_list(cmake, "MODULE_PYTHON_SCRIPTS")}
+    scripts, data = _runtime_files()
+    assert scripts - listed == set(), "add these to MODULE_PYTHON_SCRIPTS in MedicalGeneralist/CMakeLists.txt"
+    assert listed - scripts == set(), "these are listed in CMakeLists.txt but are not runtime files"
+    resources = {r.replace("${MODULE_NAME}", "MedicalGeneralist") for r in _cmake_list(cmake, "MODULE_PYTHON_RESOURCES")}
+    assert data - resources == set(), "add these to MODULE_PYTHON_RESOURCES in MedicalGeneralist/CMakeLists.txt"
+    for resource in resources:
+        assert (MODULE / resource).is_file(), resource
+
+
+def test_extension_ships_no_training_or_benchmark_code() -> None:
+    """Training and the benchmark are for developers: not one of their files may reach Slicer."""
+    cmake = (MODULE / "CMakeLists.txt").read_text()
+    listed = _cmake_list(cmake, "MODULE_PYTHON_SCRIPTS") + _cmake_list(cmake, "MODULE_PYTHON_RESOURCES")
+    dev = {p.stem for p in (MODULE / "medgen_dev").rglob("*.py")} - {"__init__"}
+    assert dev >= {"trainer", "episodes", "runner", "baselines", "card"} or dev >= {"trainer", "episodes", "runner"}
+    for entry in listed:
+        assert "medgen_dev" not in entry and Path(entry).stem not in dev, entry
+
+
+def test_bundled_models_ship_with_the_extension() -> None:
+    registry = json.loads((MODULE / "medgen" / "resources" / "Models.json").read_text())
+    cmake = (MODULE / "CMakeLists.txt").read_text()
+    bundled = {m["source"]["path"] for m in registry["models"] if m["source"]["type"] == "file"}
+    for path in bundled:
+        for name in ("model.safetensors", "config.json"):
+            assert f"medgen/resources/{path}/{name}" in _cmake_list(cmake, "MODULE_PYTHON_RESOURCES"), f"{path}/{name}"
+
+
+def test_extension_metadata_and_catalog_entry() -> None:
+    cmake = (REPO / "CMakeLists.txt").read_text()
+    assert re.search(r"set\(EXTENSION_DEPENDS PyTorch\)", cmake)
+    assert "add_subdirectory(MedicalGeneralist)" in cmake
+    for key in ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS"):
+        assert re.search(rf'set\(EXTENSION_{key} "[^"]+"\)', cmake), key
+    entry = json.loads((REPO / "Resources" / "ExtensionsIndex" / "MedicalGeneralist.json").read_text())
+    assert entry["$schema"].endswith("slicer-extension-catalog-entry-schema-v1.0.1.json#")
+    assert entry["build_dependencies"] == ["PyTorch"] and entry["category"] == "Segmentation"
+    assert entry["scm_url"].startswith("https://github.com/") and entry["scm_revision"]
+    registrations = [f for f in MODULE.rglob("CMakeLists.txt") if "slicer_add_python_unittest(" in f.read_text()]
+    assert registrations == [MODULE / "Testing" / "Python" / "CMakeLists.txt"]  # once: test names are unique
+
+
+def test_icons_are_128_pixel_pngs() -> None:
+    for path in (REPO / "Resources" / "Icons" / "MedicalGeneralist.png", MODULE / "Resources" / "Icons" / "MedicalGeneralist.png"):
+        header = path.read_bytes()[:24]
+        assert header[:8] == b"\x89PNG\r\n\x1a\n"
+        assert struct.unpack(">II", header[16:24]) == (128, 128)
