@@ -110,7 +110,7 @@ class MedicalGeneralistParameterNode:
     maskSegmentation: vtkMRMLSegmentationNode
     rangeMode: Annotated[str, Choice(["whole", "between", "around"]), Default("whole")]
     rangeSlices: Annotated[int, WithinRange(0, 500), Default(10)]
-    propagationMode: Annotated[str, Choice(["propagate", "independent"]), Default("propagate")]
+    propagationMode: Annotated[str, Choice(["auto", "propagate", "independent"]), Default("auto")]
     adaptSteps: Annotated[int, WithinRange(0, 500), Default(0)]
     outputSegmentation: vtkMRMLSegmentationNode
 

@@ -54,14 +54,14 @@ def _run(case: Case, out: Path, *extra: str, task: str = "segment") -> list[str]
 def test_context_count_mismatch(capsys, small_case: Case, out_dir: Path) -> None:
     argv = _run(small_case, out_dir / "seg.nii.gz", "--context-image", str(small_case.image),
                 "--context-image", str(small_case.image), "--context-target", str(small_case.labels))
-    msg = _fails(capsys, argv, "2 --context-image but 1 --context-target", out_dir)
+    msg = _fails(capsys, argv, "2 example images but 1 example targets", out_dir)
     assert "same order" in msg
 
 
 def test_two_own_targets_without_context_images(capsys, small_case: Case, out_dir: Path) -> None:
     argv = _run(small_case, out_dir / "seg.nii.gz", "--context-target", str(small_case.labels),
                 "--context-target", str(small_case.labels))
-    _fails(capsys, argv, "give one --context-target", out_dir)
+    _fails(capsys, argv, "give one example target", out_dir)
 
 
 def test_context_pair_of_different_shapes(capsys, small_case: Case, tmp_path: Path, out_dir: Path) -> None:
@@ -75,7 +75,7 @@ def test_context_pair_of_different_shapes(capsys, small_case: Case, tmp_path: Pa
 def test_own_target_of_different_shape(capsys, small_case: Case, tmp_path: Path, out_dir: Path) -> None:
     sitk.WriteImage(sitk_slab(SAMPLE_TISSUE, 35, 43), str(tmp_path / "short_labels.nii.gz"))
     argv = _run(small_case, out_dir / "seg.nii.gz", "--context-target", str(tmp_path / "short_labels.nii.gz"))
-    _fails(capsys, argv, "differs from --image shape", out_dir)
+    _fails(capsys, argv, "differs from the image's", out_dir)
 
 
 @pytest.mark.parametrize("change", ["spacing", "origin"])
@@ -257,7 +257,7 @@ def test_truncated_registry_weights_fail_checksum(capsys, small_case: Case, tmp_
 def test_cuda_on_a_cpu_machine(capsys, small_case: Case, out_dir: Path) -> None:
     argv = ["run", "--task", "segment", "--image", str(small_case.image), "--context-target",
             str(small_case.labels), "--out", str(out_dir / "seg.nii.gz"), "--quiet", "--device", "cuda"]
-    _fails(capsys, argv, "--device cuda was asked for", out_dir)
+    _fails(capsys, argv, "CUDA device was asked for", out_dir)
 
 
 def test_unknown_device(capsys, small_case: Case, out_dir: Path) -> None:

@@ -20,6 +20,7 @@ from medgen.prompts import pairs_from_volumes
 from medgen.io.images import read_volume
 from medgen.infer.pipeline import RunOptions, run
 from medgen.infer.segment import SegmentSettings
+from medgen.core.errors import InputError
 from medgen.core.volume import parse_axis
 
 LABELS = (4, 43)  # Left- and Right-Lateral-Ventricle
@@ -147,3 +148,40 @@ def test_fill_prior_between_labelled_slices(model, lesion) -> None:
     out = _lesion_run(model, lesion, given)
     inside = list(range(17, 24))
     assert dice(out[inside], label.array[inside] > 0) > 0.8
+
+
+# -- the segmentation mode is honoured or refused, never silently changed -----------------------------
+def _other_patient(case):
+    """Examples from another volume: the same scan mirrored left-right (its structures no longer
+    sit where the query's do), slices 18 and 38 — marked as not being slices of the query."""
+    image, truth, _examples, axis = case
+    mirrored = image.with_array(np.ascontiguousarray(image.array[:, :, ::-1]))
+    labels = image.with_array(np.ascontiguousarray(truth[:, :, ::-1]))
+    return pairs_from_volumes(mirrored, labels, axis, [18, 38], "segment", "mr", own=False)
+
+
+def test_mixed_examples_propagate(model, case, record_property) -> None:
+    """Own labelled slices plus another volume's examples: the run still propagates (chains from
+    the own slices, which are copied exactly), instead of falling back to independent slices."""
+    image, truth, examples, axis = case
+    own = [e for e in examples if e.slice_index in (8, 28)]
+    mixed = own + _other_patient(case)
+    options = RunOptions("segment", axis, "mr", "cpu", segment=SegmentSettings(mode="auto"))
+    result = run(model, image, mixed, options).array
+    for e in own:
+        np.testing.assert_array_equal(np.take(result, e.slice_index, axis), np.take(truth, e.slice_index, axis))
+    independent = run(model, image, mixed, RunOptions("segment", axis, "mr", "cpu",
+                                                      segment=SegmentSettings(mode="independent"))).array
+    rest = [s for s in range(truth.shape[axis]) if s not in (8, 28)]
+    scores = {mode: float(np.mean([dice(np.take(r, rest, axis) == v, np.take(truth, rest, axis) == v)
+                                   for v in LABELS])) for mode, r in (("mixed", result), ("independent", independent))}
+    record_property("dice_mixed_propagate", round(scores["mixed"], 4))
+    assert not np.array_equal(result, independent)  # auto chose propagation: the runs differ
+    assert scores["mixed"] > MIN_DICE and scores["mixed"] > scores["independent"], scores
+
+
+def test_propagate_without_own_slices_is_refused(model, case) -> None:
+    image, _truth, _examples, axis = case
+    options = RunOptions("segment", axis, "mr", "cpu", segment=SegmentSettings(mode="propagate"))
+    with pytest.raises(InputError, match="propagation starts from labelled slices of the image itself"):
+        run(model, image, _other_patient(case), options)

@@ -41,8 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     r.add_argument("--adapt-steps", type=int, default=0, help="test-time fine-tuning steps on the examples (default 0)")
     r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--mode", choices=["propagate", "independent"], default="propagate",
-                   help="segmentation inside one volume: march from the labelled slices, or each slice alone")
+    r.add_argument("--mode", choices=["auto", "propagate", "independent"], default="auto",
+                   help="segmentation: march from the image's own labelled slices (propagate), each "
+                        "slice alone (independent), or auto: propagate when some example is a slice "
+                        "of the image, else independent")
     r.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     m = sub.add_parser("models", help="list, verify or download models")

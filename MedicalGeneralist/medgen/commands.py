@@ -14,48 +14,13 @@ from pathlib import Path
 
 from medgen.core.device import resolve_device
 from medgen.core.errors import InputError
-from medgen.prompts import Example, check_pair, inpaint_self_examples, pairs_from_volumes, parse_slices
+from medgen.prompts import examples_from_files, inpaint_self_examples, parse_slices
 from medgen.io.images import check_writable, read_volume, write_volume
 from medgen.core.intensity import guess_modality
-from medgen.infer.pipeline import RunOptions, run
+from medgen.infer.pipeline import RunOptions, run, segment_mode
 from medgen.infer.segment import SegmentSettings
 from medgen.core.volume import Volume, parse_axis
 from medgen.io.weights import download_model, list_models, load_model, verify_model
-
-
-def gather_examples(args: argparse.Namespace, image: Volume, axis_spec) -> list[Example]:
-    """Example pairs from --context-image/--context-target (or the image itself)."""
-    task, slices = args.task, parse_slices(args.context_slices)
-    synth = task == "synthesize"
-    if args.context_image:
-        if len(args.context_image) != len(args.context_target):
-            raise InputError(f"{len(args.context_image)} --context-image but {len(args.context_target)} "
-                             "--context-target: give one target per context image, in the same order")
-        examples = []
-        for ip, tp in zip(args.context_image, args.context_target):
-            ci, ct = read_volume(ip), read_volume(tp, label=task == "segment")
-            check_pair(ci, ct, f"context pair {ip} / {tp}", same_grid=True)
-            axis = 0 if ci.is_2d else parse_axis(axis_spec, ci)
-            examples += pairs_from_volumes(ci, ct, axis, slices, task, args.modality, own=False)
-        return examples
-    if args.context_target:
-        if len(args.context_target) > 1:
-            raise InputError("without --context-image, give one --context-target: the labels (or "
-                             "second contrast) of --image itself")
-        target = read_volume(args.context_target[0], label=task == "segment")
-        if target.shape != image.shape:
-            raise InputError(f"--context-target shape {target.shape} differs from --image shape "
-                             f"{image.shape}: targets of the image itself must share its grid")
-        if not image.same_grid(target):
-            what = "second contrast" if synth else "target"
-            raise InputError(f"the {what} is not on the image's grid (spacing, origin or direction "
-                             "differ): resample it onto the image first (register it for synthesis)")
-        axis = parse_axis(axis_spec, image)
-        return pairs_from_volumes(image, target, axis, slices, task, args.modality, own=True)
-    if task == "inpaint" and args.mask:
-        return []  # made from the image itself once the mask is read
-    raise InputError("no examples: give --context-target (labels of this image) or "
-                     "--context-image with --context-target (examples from other images)")
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -65,20 +30,26 @@ def run_command(args: argparse.Namespace) -> int:
     if out.suffix.lower() == ".png" and image.shape[0] > 1:
         raise InputError(f"{out}: a PNG holds one 2D image but the input has {image.shape[0]} slices: "
                          "write .nii.gz, .nrrd or .mha")
-    args.modality = args.modality or guess_modality(image.array)
+    modality = args.modality or guess_modality(image.array)
     axis = parse_axis(args.axis, image)
     mask = read_volume(args.mask, label=True) if args.mask else None
-    examples = gather_examples(args, image, args.axis)
+    examples = examples_from_files(args.task, image, args.context_image, args.context_target,
+                                   parse_slices(args.context_slices), args.axis, modality)
     if args.task == "inpaint" and not examples:
+        if not args.mask:
+            raise InputError("no examples: give --mask (examples are then made from the image itself), "
+                             "or --context-image with --context-target")
         if mask is None or mask.shape != image.shape:
             raise InputError("inpaint needs --mask with the image's shape")
-        examples = inpaint_self_examples(image, mask, axis, args.modality)
+        examples = inpaint_self_examples(image, mask, axis, modality)
+    mode = segment_mode(args.mode, image, examples) if args.task == "segment" else None
     model, info = load_model(args.model, device="cpu")
-    options = RunOptions(args.task, axis, args.modality, args.device, args.threads, args.seed,
-                         args.adapt_steps, segment=SegmentSettings(mode=args.mode))
+    options = RunOptions(args.task, axis, modality, args.device, args.threads, args.seed,
+                         args.adapt_steps, segment=SegmentSettings(mode=mode or "auto"))
     if not args.quiet:
-        print(f"medgen: {args.task} with {len(examples)} example(s), model {info.id}, "
-              f"modality {args.modality}, axis {axis}", file=sys.stderr)
+        how = f", {mode}" if mode else ""
+        print(f"medgen: {args.task} with {len(examples)} example(s){how}, model {info.id}, "
+              f"modality {modality}, axis {axis}", file=sys.stderr)
     with _progress_bar(args.quiet) as progress:
         result = run(model, image, examples, options, mask=mask, progress=progress)
     if result is None:

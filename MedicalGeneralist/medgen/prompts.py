@@ -13,7 +13,7 @@ import numpy as np
 
 from medgen.core.errors import InputError
 from medgen.core.intensity import Normalizer, fit_normalizer
-from medgen.core.volume import Volume, take_slice
+from medgen.core.volume import Volume, parse_axis, take_slice
 
 
 @dataclass
@@ -45,7 +45,7 @@ def parse_slices(text: str | None) -> list[int] | None:
     try:
         return sorted({int(t) for t in str(text).replace(" ", "").split(",") if t})
     except ValueError as err:
-        raise InputError(f"--context-slices {text!r}: give comma-separated slice indices like 12,40,71") from err
+        raise InputError(f"example slices {text!r}: give comma-separated slice indices like 12,40,71") from err
 
 
 def check_pair(image: Volume, target: Volume, what: str, same_grid: bool = False) -> None:
@@ -70,13 +70,56 @@ def pairs_from_volumes(image: Volume, target: Volume, axis: int, indices: list[i
         indices = labelled_slices(target, axis) if task == "segment" else _spread(image.shape[axis])
     if not indices:
         raise InputError("no labelled slice found in the context target: label at least one slice "
-                         "or name them with --context-slices")
+                         "or name the example slices")
     img_norm = fit_normalizer(image.array, modality)
     tgt_norm = None if task == "segment" else (
         img_norm if task in ("denoise", "inpaint") else fit_normalizer(target.array, modality))
     spacing = image.slice_spacing(axis)
     return [Example(take_slice(image.array, axis, i).astype(np.float32), take_slice(target.array, axis, i),
                     spacing, img_norm, tgt_norm, i if own else None) for i in indices]
+
+
+def examples_from_files(task: str, image: Volume, context_images: list[str], context_targets: list[str],
+                        slices: list[int] | None, axis_spec: str | int | None,
+                        modality: str) -> list[Example]:
+    """Example pairs read from files: other images' (image, target) pairs, or the image's own
+    target (labels or second contrast) when no context image is given. Empty only for
+    inpainting without examples (they are then made from the image and its mask).
+
+    `axis_spec` (0/1/2 or an anatomical name) is resolved per volume: "axial" may be a different
+    array axis in another patient's file.
+    """
+    from medgen.io.images import read_volume  # SimpleITK: only when files are read
+
+    label = task == "segment"
+    if context_images:
+        if len(context_images) != len(context_targets):
+            raise InputError(f"{len(context_images)} example images but {len(context_targets)} example "
+                             "targets: give one target per example image, in the same order")
+        examples = []
+        for ip, tp in zip(context_images, context_targets):
+            ci, ct = read_volume(ip), read_volume(tp, label=label)
+            check_pair(ci, ct, f"example pair {ip} / {tp}", same_grid=True)
+            axis = 0 if ci.is_2d else parse_axis(axis_spec, ci)
+            examples += pairs_from_volumes(ci, ct, axis, slices, task, modality, own=False)
+        return examples
+    if context_targets:
+        if len(context_targets) > 1:
+            raise InputError("without example images, give one example target: the labels (or second "
+                             "contrast) of the image itself")
+        target = read_volume(context_targets[0], label=label)
+        if target.shape != image.shape:
+            raise InputError(f"the example target's shape {target.shape} differs from the image's "
+                             f"{image.shape}: targets of the image itself must share its grid")
+        if not image.same_grid(target):
+            what = "second contrast" if task == "synthesize" else "target"
+            raise InputError(f"the {what} is not on the image's grid (spacing, origin or direction "
+                             "differ): resample it onto the image first (register it for synthesis)")
+        return pairs_from_volumes(image, target, parse_axis(axis_spec, image), slices, task, modality, own=True)
+    if task == "inpaint":
+        return []
+    raise InputError("no examples: give the labels (or second contrast) of this image, or example "
+                     "pairs from other images")
 
 
 def _spread(n: int, count: int = 8) -> list[int]:
@@ -88,8 +131,8 @@ def _spread(n: int, count: int = 8) -> list[int]:
 def check_examples(examples: list[Example], task: str) -> None:
     """Refuse prompts the model cannot learn from."""
     if not examples:
-        raise InputError("no examples were given: pass --context-target (and --context-image for "
-                         "other volumes) so the model can see what to do")
+        raise InputError("no examples were given: give labelled slices of the image, or example pairs "
+                         "from other images, so the model can see what to do")
     if task == "segment" and not any(np.any(e.target != 0) for e in examples):
         raise InputError("the example targets hold no label at all: paint the structure on at "
                          "least one example slice")
@@ -145,5 +188,5 @@ def _shifted_holes(img: np.ndarray, hole: np.ndarray, spacing, norm: Normalizer,
             break
     if not out:
         raise InputError("the inpainting hole covers too much of the image to make examples from "
-                         "it: pass example pairs with --context-image/--context-target")
+                         "it: give example pairs (an image with a hole and the intact image)")
     return out

@@ -25,10 +25,12 @@ def resolve_device(name: str = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but this torch has no usable CUDA GPU "
-                         f"(torch {torch.__version__}): use --device cpu or auto, or install a CUDA build")
+        raise InputError("the CUDA device was asked for but this torch has no usable CUDA GPU "
+                         f"(torch {torch.__version__}): choose the CPU or automatic device, or install "
+                         "a CUDA build of torch")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise InputError("--device mps was asked for but Apple MPS is not available: use cpu or auto")
+        raise InputError("the Apple MPS device was asked for but is not available: choose the CPU or "
+                         "automatic device")
     if name not in ("cpu", "mps") and not name.startswith("cuda"):
         raise InputError(f"unknown device {name!r}: use auto, cpu, cuda or mps")
     return torch.device(name)

@@ -43,6 +43,10 @@ class Volume:
                 and np.allclose(self.origin, other.origin, atol=tol * 10)
                 and np.allclose(self.direction, other.direction, atol=tol))
 
+    def slice_thickness(self, axis: int) -> float:
+        """Distance between slices taken along numpy `axis` (mm)."""
+        return float(tuple(reversed(self.spacing))[axis])
+
     def slice_spacing(self, axis: int) -> tuple[float, float]:
         """In-plane pixel spacing (rows, cols) of slices taken along numpy `axis`."""
         numpy_spacing = tuple(reversed(self.spacing))
@@ -54,7 +58,7 @@ def parse_axis(value: str | int | None, volume: Volume) -> int:
     """Numpy axis from 0/1/2 or an anatomical name, using the direction matrix for names."""
     if volume.is_2d:
         if value not in (None, 0, "0", "axial"):
-            raise InputError(f"--axis {value} makes no sense for a 2D image: leave it out")
+            raise InputError(f"slice axis {value} makes no sense for a 2D image: leave the axis out")
         return 0
     if value is None:
         return anatomical_axis("axial", volume)

@@ -49,16 +49,43 @@ def run(model: InContextUNet, image: Volume, examples: list[Example], options: R
     task_index(task)
     check_examples(examples, task)
     _check_shapes(image, examples, options.axis)
-    torch.manual_seed(options.seed)
-    np.random.seed(options.seed)
-    set_threads(options.threads)
     device = resolve_device(options.device)
-    try:
-        if task == "segment":
-            return image.with_array(_segment(model, device, image, examples, options, progress, cancel))
-        return image.with_array(_image_task(model, device, image, examples, options, mask, progress, cancel))
-    except Cancelled:
-        return None
+    # Seeds and thread counts are process-wide: set them for this run only and give them back,
+    # so a host process (Slicer, a notebook, a batch) keeps its own.
+    threads = torch.get_num_threads()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(options.seed)
+        set_threads(options.threads)
+        try:
+            if task == "segment":
+                return image.with_array(_segment(model, device, image, examples, options, progress, cancel))
+            return image.with_array(_image_task(model, device, image, examples, options, mask, progress, cancel))
+        except Cancelled:
+            return None
+        finally:
+            torch.set_num_threads(threads)
+
+
+def segment_mode(requested: str, image: Volume, examples: list[Example]) -> str:
+    """The segmentation mode to run: the one asked for, or a refusal; never silently another.
+
+    "propagate" marches from the image's own labelled slices (examples from other images, if any,
+    join the context); it needs at least one of them. "independent" does every slice alone.
+    "auto" propagates when some example is a slice of the image itself, else runs independently.
+    """
+    own = any(e.slice_index is not None for e in examples)
+    if requested == "auto":
+        return "propagate" if own and not image.is_2d else "independent"
+    if requested == "propagate" and image.is_2d:
+        raise InputError("propagation needs a 3D volume but the image is 2D: use the independent "
+                         "(or automatic) segmentation mode")
+    if requested == "propagate" and not own:
+        raise InputError("propagation starts from labelled slices of the image itself, and none of "
+                         "the examples is one: label a slice of this image, or use the independent "
+                         "(or automatic) segmentation mode for examples from other images only")
+    if requested not in ("propagate", "independent"):
+        raise InputError(f"unknown segmentation mode {requested!r}: use auto, propagate or independent")
+    return requested
 
 
 def _check_shapes(image: Volume, examples: list[Example], axis: int) -> None:
@@ -76,8 +103,9 @@ def _segment(model, device, image, examples, options, progress, cancel) -> np.nd
     slices = slice_view(image.array, options.axis)
     norm = fit_normalizer(image.array, options.modality)
     spacing = image.slice_spacing(options.axis)
-    in_volume = all(e.slice_index is not None for e in examples) and not image.is_2d
-    mode = options.segment.mode if in_volume else "independent"
+    mode = segment_mode(options.segment.mode, image, examples)
+    # crops around the structure need its position in this volume: the image's own labelled slices
+    in_volume = mode == "propagate" or all(e.slice_index is not None for e in examples) and not image.is_2d
     t, m = task_index("segment"), modality_index(options.modality)
     predictor = Predictor(_adapted(model, device, examples, options, in_volume, cancel), device, cancel)
     best = np.zeros(slices.shape, np.float16)
@@ -87,8 +115,9 @@ def _segment(model, device, image, examples, options, progress, cancel) -> np.nd
     for i in range(0, len(labels), chunk):
         part = labels[i:i + chunk]
         sub = lambda f, msg, i=i: progress((i + f * len(part)) / len(labels), msg)
-        seg = VolumeSegmenter(predictor, slices, spacing, norm, examples, part, t, m, in_volume,
-                              options.segment, sub, thickness=tuple(reversed(image.spacing))[options.axis])
+        seg = VolumeSegmenter(predictor, slices, spacing=spacing, norm=norm, examples=examples, labels=part,
+                              task=t, modality=m, in_volume=in_volume, settings=options.segment,
+                              progress=sub, thickness=image.slice_thickness(options.axis))
         probs = seg.propagate() if mode == "propagate" else seg.independent()
         top = probs.max(0)
         better = (top > best) & (top >= options.segment.threshold)
@@ -133,7 +162,7 @@ def _image_task(model, device, image, examples, options, mask, progress, cancel)
     holes = None
     if options.task == "inpaint":
         if mask is None:
-            raise InputError("inpaint needs --mask: a volume or image marking the region to fill")
+            raise InputError("inpainting needs a mask: a volume or image marking the region to fill")
         if mask.shape != image.shape:
             raise InputError(f"the mask's shape {mask.shape} differs from the image's {image.shape}")
         holes = slice_view(mask.array != 0, options.axis)

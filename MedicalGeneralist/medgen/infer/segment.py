@@ -44,7 +44,7 @@ Progress = Callable[[float, str], None]
 
 @dataclass
 class SegmentSettings:
-    mode: str = "propagate"  # or "independent"
+    mode: str = "auto"  # "propagate", "independent", or "auto" (see pipeline.segment_mode)
     memory: int = 2  # predicted neighbour pairs kept as context
     stop_after_empty: int = 3
     threshold: float = 0.5
@@ -85,14 +85,14 @@ class Chain:
 class VolumeSegmenter:
     """Holds the per-run state: normalised slices, the encoded prompt and the accumulators."""
 
-    def __init__(self, predictor: Predictor, slices: np.ndarray, spacing: tuple[float, float],
+    def __init__(self, predictor: Predictor, slices: np.ndarray, *, spacing: tuple[float, float],
                  norm: Normalizer, examples: list[Example], labels: list[int], task: int,
                  modality: int, in_volume: bool, settings: SegmentSettings, progress: Progress,
                  thickness: float | None = None) -> None:
-        self.p, self.slices, self.spacing, self.norm = predictor, slices, spacing, norm
+        self.predictor, self.slices, self.spacing, self.norm = predictor, slices, spacing, norm
         self.thickness = thickness  # slice spacing along the propagation axis (mm)
         self.examples, self.labels, self.in_volume = examples, labels, in_volume
-        self.s = settings
+        self.settings = settings
         self.progress = progress
         self.task, self.modality = task, modality
         self.grid = predictor.model.config.grid if in_volume else self._whole_image_side()
@@ -101,10 +101,10 @@ class VolumeSegmenter:
     def _whole_image_side(self) -> int:
         """Without in-volume neighbours the whole image is the box: sample it finely enough that
         thin structures (vessels) keep a few pixels of width on the grid."""
-        grid = self.p.model.config.grid
+        grid = self.predictor.model.config.grid
         fractions = [structure_width(e.target == v) / max(e.target.shape) for e in self.examples
                      for v in self.labels]
-        return working_side(fractions, max(self.slices.shape[1:]), grid, multiple=self.p.model.config.multiple)
+        return working_side(fractions, max(self.slices.shape[1:]), grid, multiple=self.predictor.model.config.multiple)
 
     def _box(self, mask: np.ndarray, fallback: Box) -> Box:
         if not self.in_volume:
@@ -124,7 +124,7 @@ class VolumeSegmenter:
                 row_t.append(to_grid(m.astype(np.float32), box, self.grid) > 0.5)
             imgs.append(row_i)
             tgts.append(row_t)
-        return self.p.encode(np.asarray(imgs), np.asarray(tgts, np.float32), self.task, self.modality)
+        return self.predictor.encode(np.asarray(imgs), np.asarray(tgts, np.float32), self.task, self.modality)
 
     # -- per-slice mode -------------------------------------------------------------------------
     def independent(self) -> np.ndarray:
@@ -136,7 +136,7 @@ class VolumeSegmenter:
         for i in range(0, len(items), chunk):
             part = items[i:i + chunk]
             q = np.stack([to_grid(self.norm(self.slices[s]), boxes[li], self.grid) for s, li in part])
-            out = self.p.predict(q, self.cache.index([li for _, li in part]), "seg")
+            out = self.predictor.predict(q, self.cache.index([li for _, li in part]), "seg")
             for (s, li), prob in zip(part, out):
                 probs[li, s] = from_grid(prob, boxes[li], shape)
             self.progress((i + len(part)) / len(items), f"slice {part[-1][0] + 1}/{n}")
@@ -150,7 +150,7 @@ class VolumeSegmenter:
             return fallback
         union = np.zeros(shape, bool)
         for e in self.examples:
-            if e.target.shape == shape:
+            if e.slice_index is not None:  # the image's own slices: their position means something here
                 union |= e.target == self.labels[li]
         return box_around(union, self.spacing) or fallback
 
@@ -175,7 +175,7 @@ class VolumeSegmenter:
                     stops = far is None or not has[far]
                     box = self._box(mask, full_box(shape, self.spacing))
                     ends = [box] if stops else [box, self._box(known[far] == value, box)]
-                    side = max((b.r1 - b.r0) * self.spacing[0] for b in ends) * self.s.max_growth
+                    side = max((b.r1 - b.r0) * self.spacing[0] for b in ends) * self.settings.max_growth
                     chains.append(Chain(li, origin, step, end, stops, span if not stops else None,
                                         mask.astype(np.float32), box, max_side_mm=side,
                                         origin_area=float(mask.sum()),
@@ -184,7 +184,7 @@ class VolumeSegmenter:
 
     def _fill_priors(self) -> list[np.ndarray | None]:
         """Per label: fill between slices over the labelled slices (None where it cannot run)."""
-        if not (self.s.fill_prior and self.s.prior and interpolate.available()):
+        if not (self.settings.fill_prior and self.settings.prior and interpolate.available()):
             return [None] * len(self.labels)
         known = {e.slice_index: e.target for e in self.examples if e.slice_index is not None}
         out = []
@@ -207,7 +207,7 @@ class VolumeSegmenter:
         if not self.thickness:
             return 1 << 30
         radius = np.sqrt(mask.sum() * self.spacing[0] * self.spacing[1] / np.pi)
-        factor = self.s.extent[0] if labelled < 2 else self.s.extent[1]
+        factor = self.settings.extent[0] if labelled < 2 else self.settings.extent[1]
         return max(1, int(np.ceil(factor * radius / self.thickness)))
 
     def propagate(self) -> np.ndarray:
@@ -225,7 +225,7 @@ class VolumeSegmenter:
                 break
             self._step(chains, t, acc, wsum)
             done += len(chains)
-            chains = [c for c in chains if not (c.stops and (c.empties >= self.s.stop_after_empty
+            chains = [c for c in chains if not (c.stops and (c.empties >= self.settings.stop_after_empty
                                                              or t >= c.max_steps))]
             self.progress(min(done / total, 1.0), f"propagating: step {t}, {len(chains)} active")
         return (acc / np.maximum(wsum, 1e-6)[..., None, None]).astype(np.float16)
@@ -236,8 +236,8 @@ class VolumeSegmenter:
         cache = self.cache.index([c.label for c in chains])
         if chains[0].memory:
             cache = cache.cat(stack_caches([_cat_pairs(c.memory) for c in chains]))
-        return self.p.predict(q, cache, "seg", prior if self.s.prior else None,
-                              np.ones_like(prior) if self.s.prior else None)
+        return self.predictor.predict(q, cache, "seg", prior if self.settings.prior else None,
+                              np.ones_like(prior) if self.settings.prior else None)
 
     def _prior_of(self, c: Chain, t: int) -> np.ndarray:
         """The previous prediction, or between labelled slices the fill-between-slices result."""
@@ -250,29 +250,29 @@ class VolumeSegmenter:
         shape = self.slices.shape[1:]
         priors = [self._prior_of(c, t) for c in chains]
         for c, p in zip(chains, priors):
-            c.box = cap_box(self._box(p > self.s.threshold, c.box), self.spacing, c.max_side_mm)
+            c.box = cap_box(self._box(p > self.settings.threshold, c.box), self.spacing, c.max_side_mm)
         q = np.stack([to_grid(self.norm(self.slices[c.slice_at(t)]), c.box, self.grid) for c in chains])
         prior = np.stack([to_grid(p, c.box, self.grid) for c, p in zip(chains, priors)])
         probs = np.concatenate([self._predict_chunk(chains[i:i + n], q[i:i + n], prior[i:i + n])
-                                for n in [self.p.chunk_size(self.grid, self.cache.k + len(chains[0].memory))]
+                                for n in [self.predictor.chunk_size(self.grid, self.cache.k + len(chains[0].memory))]
                                 for i in range(0, len(chains), n)])
-        if self.s.memory:
-            mem = self.p.encode(q[:, None], (probs[:, None] > self.s.threshold).astype(np.float32),
+        if self.settings.memory:
+            mem = self.predictor.encode(q[:, None], (probs[:, None] > self.settings.threshold).astype(np.float32),
                                 self.task, self.modality)
         for i, (c, prob) in enumerate(zip(chains, probs)):
             s = c.slice_at(t)
             full = from_grid(prob, c.box, shape)
-            if self.s.continuity:
-                full = keep_connected(full, c.prev > self.s.threshold, self.s.threshold)
+            if self.settings.continuity:
+                full = keep_connected(full, c.prev > self.settings.threshold, self.settings.threshold)
             w = c.weight(s)
             acc[c.label, s] += w * full
             wsum[c.label, s] += w
             c.prev = full
-            area = float((full > self.s.threshold).sum())
+            area = float((full > self.settings.threshold).sum())
             # "empty" = (nearly) gone: a few stray pixels must not keep a chain alive
-            c.empties = 0 if area > self.s.min_area * c.origin_area else c.empties + 1
-            if self.s.memory:
-                c.memory = (c.memory + [mem.index([i])])[-self.s.memory:]
+            c.empties = 0 if area > self.settings.min_area * c.origin_area else c.empties + 1
+            if self.settings.memory:
+                c.memory = (c.memory + [mem.index([i])])[-self.settings.memory:]
 
 
 def keep_connected(prob: np.ndarray, previous: np.ndarray, threshold: float) -> np.ndarray:
