@@ -7,6 +7,9 @@ Environment set here, before any test module imports torch:
   convolution 10-20x slower; with passive waiting the whole folder runs in about a minute.
   MEDGEN_TEST_THREADS=1 lowers the thread count further.
 
+Tiers: `pytest -m "not model and not data and not slicer" Testing` is the fast unit tier (no
+trained weights, no ../shared/data, no slicer-core; under a minute); the whole folder is what CI runs.
+
 Real images only: fixtures cut small pieces out of the shipped MNI152 sample
 (Resources/SampleData) and out of ../shared/data (tests needing it skip with a reason without it).
 """
@@ -38,6 +41,19 @@ from medgen.core.volume import Volume  # noqa: E402
 
 
 _SCORES: list[tuple[str, str, object]] = []
+# Tiers (README "Tests"): a test is marked by what it needs, from the fixtures it uses, so the
+# markers cannot drift from the code. Tests that load the shipped weights without the `model`
+# fixture (the CLI in a subprocess, say) carry `pytestmark = pytest.mark.model` themselves.
+_TIER_FIXTURES = {"model": "model", "shared_data": "data"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for fixture, marker in _TIER_FIXTURES.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(marker)
+        if Path(str(item.fspath)).name.startswith("test_slicer"):
+            item.add_marker("slicer")
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

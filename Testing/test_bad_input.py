@@ -344,6 +344,7 @@ def test_cancel_in_the_middle(model, slab, mode: str, cancel_at: int) -> None:
 
 
 # -- regressions: engine bugs found by these tests and fixed ------------------------------------
+@pytest.mark.model
 def test_labels_above_uint16_are_kept(small_case: Case, tmp_path: Path) -> None:
     labels = sitk.ReadImage(str(small_case.labels))
     big = np.where(small_case.truth == 3, 1000, np.where(small_case.truth == 7, 70000, 0)).astype(np.int32)

@@ -25,6 +25,7 @@ from medgen_dev.bench import baselines as bl
 from medgen_dev.bench import data as bench_data
 from medgen_dev.bench.speed import universeg_flops, universeg_reference
 from medgen.io.images import read_volume
+from medgen.metrics import seg_scores
 from medgen.core.intensity import fit_normalizer
 from medgen.nn.model import InContextUNet, count_parameters
 
@@ -175,9 +176,9 @@ def test_synthesis_baselines_map_intensities(shared_data: Path) -> None:
 # -- scoring, slice choice, reference network ---------------------------------------------------------
 def test_scores_stay_finite_for_an_empty_prediction(lung2) -> None:
     _, truth = lung2
-    s = bench.seg_scores(np.zeros_like(truth), truth, (5.0, 0.6, 0.6))
+    s = seg_scores(np.zeros_like(truth), truth, (5.0, 0.6, 0.6))
     assert s["dice"] == 0 and s["empty"] and math.isfinite(s["hd95"]) and s["hd95"] > 0
-    same = bench.seg_scores(truth, truth, (5.0, 0.6, 0.6))
+    same = seg_scores(truth, truth, (5.0, 0.6, 0.6))
     assert same["dice"] == pytest.approx(1.0) and same["hd95"] == 0
 
 

@@ -22,6 +22,8 @@ from medgen_helpers import (SAMPLE_T1, SAMPLE_TISSUE, Case, assert_same_geometry
                             sitk_slab, write_case)
 from medgen import cli
 
+pytestmark = pytest.mark.model  # every test here runs the CLI on the shipped weights
+
 
 def _medgen(*argv: str) -> int:
     return cli.main(["run", *argv, "--device", "cpu"])

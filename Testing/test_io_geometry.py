@@ -58,6 +58,7 @@ def test_label_round_trip_keeps_values(tmp_path: Path, oblique_t1: Volume) -> No
         assert set(np.unique(back.array)) == {0, 3, 7}
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd"])
 def test_segment_output_has_input_geometry(tmp_path: Path, small_case, suffix: str) -> None:
     """`medgen run --task segment`: output grid == input grid (oblique), label values 3/7 kept."""

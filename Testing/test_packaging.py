@@ -80,3 +80,23 @@ def test_icons_are_128_pixel_pngs() -> None:
         header = path.read_bytes()[:24]
         assert header[:8] == b"\x89PNG\r\n\x1a\n"
         assert struct.unpack(">II", header[16:24]) == (128, 128)
+
+
+def _imported_modules(*args: str) -> set[str]:
+    """Top-level-qualified names of every module a `python -X importtime -m medgen ...` loads."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(MODULE)}
+    err = subprocess.run([sys.executable, "-X", "importtime", "-m", "medgen", *args], capture_output=True,
+                         text=True, env=env, timeout=120).stderr
+    return {line.rsplit("|", 1)[1].strip() for line in err.splitlines() if line.startswith("import time:")} - {"package"}
+
+
+def test_run_help_loads_no_developer_itk_or_sitk_module() -> None:
+    """Building the parser must not pay for the benchmark, training, ITK or SimpleITK."""
+    loaded = _imported_modules("run", "--help")
+    assert "medgen.cli" in loaded
+    heavy = {m for m in loaded if m.split(".")[0] in ("medgen_dev", "itk", "SimpleITK", "torch", "monai")}
+    assert heavy == set(), sorted(heavy)

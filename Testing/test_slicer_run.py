@@ -26,8 +26,7 @@ def model():
     return sr.cached_model(None)
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
+from medgen.metrics import dice as _dice
 
 
 def _request(mrml: Scene, **changes) -> sr.RunRequest:

@@ -15,29 +15,14 @@ import numpy as np
 
 from medgen.prompts import inpaint_self_examples, pairs_from_volumes
 from medgen.io.images import read_volume, write_volume
+from medgen.infer.classical import nearest_copy
 from medgen.infer.imagetasks import classical_fill
+from medgen.metrics import dice, psnr
 from medgen.infer.pipeline import RunOptions, run
 from medgen.core.volume import Volume
 from medgen.io.weights import load_model, resources_root
 
 SAMPLE = "SampleData/mni152_{}_2mm.nii.gz"
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    s = a.sum() + b.sum()
-    return float(2 * (a & b).sum() / s) if s else 1.0
-
-
-def psnr(x: np.ndarray, ref: np.ndarray, peak: float) -> float:
-    mse = float(np.mean((x.astype(np.float64) - ref) ** 2))
-    return 10 * np.log10(peak ** 2 / mse) if mse > 0 else float("inf")
-
-
-def nearest_copy(labels: np.ndarray, given: list[int]) -> np.ndarray:
-    """Baseline: every slice takes the labels of the nearest labelled slice."""
-    idx = np.asarray(given)
-    nearest = idx[np.argmin(np.abs(np.arange(labels.shape[0])[:, None] - idx[None]), axis=1)]
-    return labels[nearest]
 
 
 def run_demo(out: Path, device: str = "auto", log=print) -> dict[str, float]:

@@ -18,7 +18,7 @@ CROSS_BASELINES = ("mean of example masks", "multi-atlas (affine + majority vote
 # -- in-volume propagation ------------------------------------------------------------------------
 def copy_nearest(labels: np.ndarray, given: list[int]) -> np.ndarray:
     """Every slice takes the labels of the nearest labelled slice (the demo's baseline)."""
-    from medgen.demo import nearest_copy  # demo imports the engine (torch): only when a bench runs
+    from medgen.infer.classical import nearest_copy
 
     return nearest_copy(labels, given) > 0
 

@@ -124,9 +124,12 @@ def _engine_hash() -> str:
     run happened on uncommitted changes."""
     import hashlib
 
+    import medgen
+
+    root = Path(medgen.__file__).parent
     digest = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.glob("*.py")):
-        digest.update(path.name.encode() + path.read_bytes())
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + path.read_bytes())
     return digest.hexdigest()
 
 
@@ -311,6 +314,44 @@ def main_table(results: dict) -> list[str]:
         others = [(m, v["psnr"]) for m, v in r["methods"].items() if m not in ("ours", "noisy input")]
         lines.append(_main_row(r["task"], r["case"], r["seen"], "PSNR dB", r["methods"]["ours"]["psnr"],
                                others, digits=2))
+    return lines
+
+
+CARD_BEGIN = "<!-- medgen bench: tables begin (written by `medgen bench --card`) -->"
+CARD_END = "<!-- medgen bench: tables end -->"
+
+
+def write_card_tables(card: Path, results: dict, ablations: dict[str, dict]) -> Path:
+    """Put the bench's summary (and the ablation table) into a model card, replacing the previous
+    bench tables; the rest of the card is kept. The card and BENCHMARKS.md thus come from one run."""
+    meta = results["meta"]
+    lines = [CARD_BEGIN, "", f"From `medgen bench` ({meta.get('date_utc', '')}, {meta.get('cpu', '')}, "
+             f"model sha256 {str(meta.get('model_sha256', ''))[:8]}); rows marked seen = no are held out.", "",
+             *main_table(results)]
+    if ablations:
+        lines += ["", "Ablations (same benchmark rows, model figure only):", "", *ablation_table(results, ablations)]
+    lines += ["", CARD_END]
+    text = card.read_text(encoding="utf-8") if card.is_file() else ""
+    block = "\n".join(lines)
+    if CARD_BEGIN in text and CARD_END in text:
+        head, rest = text.split(CARD_BEGIN, 1)
+        text = head + block + rest.split(CARD_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n## Benchmark tables\n\n" + block + "\n"
+    card.write_text(text, encoding="utf-8")
+    return card
+
+
+def ablation_table(results: dict, ablations: dict[str, dict]) -> list[str]:
+    """The model's figure per main-table row, for the main model and each ablation run."""
+    def ours(res: dict) -> dict[str, str]:
+        rows = [line.split(" | ") for line in main_table(res)[2:]]
+        return {f"{r[0].lstrip('| ')} · {r[1]}": r[4].strip("* ") for r in rows}
+    base = ours(results)
+    others = {name: ours(res) for name, res in ablations.items()}
+    lines = ["| benchmark | this model | " + " | ".join(others) + " |", "|---|---|" + "---|" * len(others)]
+    for key, value in base.items():
+        lines.append(f"| {key} | {value} | " + " | ".join(o.get(key, "–") for o in others.values()) + " |")
     return lines
 
 

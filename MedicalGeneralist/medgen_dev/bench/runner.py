@@ -24,6 +24,7 @@ from medgen_dev.bench import baselines as bl
 from medgen_dev.bench.data import (DEFAULT_CONFIG, REPO_ROOT, BenchConfig, ImageCase, PairSet, Structure,
                          add_noise, config_from_folder, crop_around, even_slices, load_config,
                          load_structure, mask_on_image, spread_slices)
+from medgen.metrics import image_scores, seg_scores
 from medgen.prompts import inpaint_self_examples, pairs_from_volumes
 from medgen.io.images import read_volume
 from medgen.core.intensity import fit_normalizer
@@ -62,6 +63,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated subset of {', '.join(SECTIONS)}")
     parser.add_argument("--volumes", default=None,
                         help="speed section volume sizes z x y x x, comma-separated (overrides the configuration)")
+    parser.add_argument("--card", default=None, metavar="MODEL_CARD.md",
+                        help="also write the summary tables into this model card (between bench markers)")
+    parser.add_argument("--ablation", action="append", default=[], metavar="NAME=MODEL",
+                        help="with --card: score this model on the same accuracy sections for the card's "
+                             "ablation table (repeatable)")
 
 
 def bench_command(args: argparse.Namespace) -> int:
@@ -77,10 +83,26 @@ def bench_command(args: argparse.Namespace) -> int:
         from medgen.core.errors import InputError
         raise InputError(f"unknown --sections {', '.join(sorted(unknown))}: use {', '.join(SECTIONS)}")
     out = Path(args.out) if args.out else (Path("medgen-bench-quick") if args.quick else REPO_ROOT / "docs")
+    ablations = dict(_ablation(a) for a in args.ablation)
     results, pictures = run_bench(cfg, args.model, args.device, sections, quick=args.quick)
     report = write_report(results, pictures, out)
     print(f"medgen bench: wrote {report} and {out / 'bench'} in {results['meta']['seconds']:.0f} s")
+    if args.card:
+        from medgen_dev.bench.report import write_card_tables
+
+        accuracy = [s for s in sections if s != "speed"]
+        others = {name: run_bench(cfg, spec, args.device, accuracy, quick=args.quick)[0]
+                  for name, spec in ablations.items()}
+        print(f"medgen bench: wrote the tables into {write_card_tables(Path(args.card), results, others)}")
     return 0
+
+
+def _ablation(text: str) -> tuple[str, str]:
+    name, sep, spec = text.partition("=")
+    if not sep or not name or not spec:
+        from medgen.core.errors import InputError
+        raise InputError(f"--ablation {text!r}: write NAME=MODEL, e.g. no-pseudotasks=runs/ablation1")
+    return name, spec
 
 
 def run_bench(cfg: BenchConfig, model_spec: str | None = None, device: str = "auto",
@@ -107,42 +129,6 @@ def run_bench(cfg: BenchConfig, model_spec: str | None = None, device: str = "au
             results[name]["seconds"] = time.perf_counter() - t
     results["meta"]["seconds"] = time.perf_counter() - start
     return results, pictures
-
-
-# -- metrics ------------------------------------------------------------------------------------------
-def seg_scores(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...] | None = None,
-               hd95: bool = True) -> dict:
-    """MONAI Dice and 95th-percentile Hausdorff distance (mm) of one binary prediction.
-
-    An empty prediction of a non-empty truth has no surface distance: HD95 is then capped at the
-    diagonal of the scored volume (and counted as empty), so every figure stays finite."""
-    import torch
-    from monai.metrics import compute_dice, compute_hausdorff_distance
-
-    p = torch.as_tensor(np.ascontiguousarray(pred > 0))[None, None].float()
-    t = torch.as_tensor(np.ascontiguousarray(truth > 0))[None, None].float()
-    out = {"dice": float(compute_dice(p, t, include_background=True, ignore_empty=False)[0, 0]),
-           "empty": not bool(p.any())}
-    if hd95:
-        spacing = list(spacing or [1.0] * pred.ndim)
-        diagonal = float(np.sqrt(sum((n * s) ** 2 for n, s in zip(pred.shape, spacing))))
-        hd = float("nan") if out["empty"] else float(compute_hausdorff_distance(
-            p, t, include_background=True, percentile=95, spacing=spacing)[0, 0])
-        out["hd95"] = hd if np.isfinite(hd) else diagonal
-    return out
-
-
-def image_scores(pred: np.ndarray, ref: np.ndarray, region: np.ndarray) -> dict:
-    """scikit-image PSNR over the scored voxels (pooled over slices) and SSIM averaged over the
-    scored voxels of each slice's SSIM map; data range = the reference's range in the region."""
-    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
-
-    ref, pred = ref.astype(np.float64), pred.astype(np.float64)
-    rng = float(ref[region].max() - ref[region].min()) or 1.0
-    psnr = peak_signal_noise_ratio(ref[region], pred[region], data_range=rng)
-    ssim = [structural_similarity(r, p, data_range=rng, full=True)[1][m].mean()
-            for r, p, m in zip(ref, pred, region) if m.any()]
-    return {"psnr": float(psnr), "ssim": float(np.mean(ssim))}
 
 
 # -- 1. in-volume propagation ------------------------------------------------------------------------
@@ -194,7 +180,7 @@ def _propagate_one(model, s: Structure, image: Volume, label: Volume, axis: int,
     for name, pred in preds.items():
         methods[name] = seg_scores(pred[rest], truth[rest], spacing)
         if len(between):
-            methods[name]["dice_between"] = seg_scores(pred[between], truth[between], hd95=False)["dice"]
+            methods[name]["dice_between"] = seg_scores(pred[between], truth[between], with_hd95=False)["dice"]
     row = {"structure": s.name, "k": len(given), "given": given, "seen": s.seen, "modality": s.modality,
            "labels_by": s.labels_by, "shape": list(image.shape), "axis": axis, "scored_slices": len(rest),
            "slices_between": len(between), "seconds_ours": seconds, "methods": methods}
@@ -260,7 +246,7 @@ def _cross_one(model, ps: PairSet, query: tuple[Volume, np.ndarray], examples: l
         preds[k] = {"ours": ours[0], bl.CROSS_BASELINES[0]: bl.mean_of_masks([m[0] for _, m in examples[:k]], q2d.shape),
                     bl.CROSS_BASELINES[1]: bl.majority_vote(warped[:k])}
         for name, pred in preds[k].items():
-            methods[name][str(k)] = seg_scores(pred, truth[0], hd95=False)["dice"]
+            methods[name][str(k)] = seg_scores(pred, truth[0], with_hd95=False)["dice"]
     top = max(preds)
     row = {"set": ps.name, "seen_queries": ps.seen_queries, "seen_examples": ps.seen_pool,
            "modality": ps.modality, "labels_by": ps.labels_by, "methods": methods}
