@@ -29,11 +29,6 @@ class Case:
     contrasts: dict[str, np.ndarray] = field(default_factory=dict)  # co-registered, normalised
     is_2d: bool = False
 
-    def label_values(self) -> list[int]:
-        if self.labels is None:
-            return []
-        return [int(v) for v in np.unique(self.labels) if v != 0]
-
 
 def _load(path: Path, modality: str, label_path: Path | None = None, binarize: int | None = None,
           name: str | None = None) -> Case:

@@ -7,13 +7,10 @@ so a registry entry cannot drift from its weights.
 from __future__ import annotations
 
 import json
-import os
-import platform
 import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from safetensors.torch import load_file
 
@@ -51,12 +48,6 @@ def training_summary(run_dir: Path) -> str:
     mean = lambda col: np.mean([float(r[col]) for r in last if r[col] != ""])
     return (f"{int(rows[-1][0])} steps in {float(rows[-1][1]) / 60:.0f} minutes of wall time; mean loss "
             f"over the last 50 steps: segmentation (Dice + BCE) {mean(4):.3f}, image tasks (L1) {mean(5):.4f}")
-
-
-def hardware() -> str:
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                if l.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()}, torch {torch.__version__}"
 
 
 if __name__ == "__main__":
