@@ -143,6 +143,11 @@ def in_process_runner(model=None) -> Runner:
     return run
 
 
+def default_runner() -> Runner:
+    """The runner the Segment Editor effect uses: the one place to plug a worker process in."""
+    return in_process_runner()
+
+
 # -- preview, apply, cancel --------------------------------------------------------------------
 @dataclass
 class FillFromExamples:
@@ -242,5 +247,5 @@ def oriented_labelmap(mask: np.ndarray, reference: MRMLNode, segmentation: MRMLN
 
 
 __all__ = ["EngineJob", "Runner", "EditorActions", "FillFromExamples", "make_job", "painted_slices",
-           "choose_axis", "in_process_runner", "oriented_labelmap", "preview_node", "PREVIEW_ROLE",
+           "choose_axis", "in_process_runner", "default_runner", "oriented_labelmap", "preview_node", "PREVIEW_ROLE",
            "DIRECTIONS"]
