@@ -253,6 +253,8 @@ class MedicalGeneralistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         """Called when the application closes: stop a running job, drop observers."""
         self._cancelJob(discard=True)
         self.removeObservers()
+        if getattr(self, "_watcher", None) is not None:
+            self._watcher.stop()
 
     def enter(self) -> None:
         self.initializeParameterNode()
