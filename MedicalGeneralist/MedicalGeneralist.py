@@ -42,6 +42,20 @@ PIP_REQUIREMENTS = [("monai>=1.4", "monai"), ("safetensors>=0.4", "safetensors")
                     ("itk-morphologicalcontourinterpolation>=2.1", "itk.MorphologicalContourInterpolationPython")]
 PROTECTED_PACKAGES = ["torch", "numpy", "SimpleITK", "vtk"]
 ANATOMICAL = {0: _("sagittal"), 1: _("coronal"), 2: _("axial")}
+# What the choice combo boxes show for the parameter node's keys (the connector fills them with
+# the keys, in the Choice order; the labels replace the texts by position, the keys stay stored).
+CHOICE_LABELS = {
+    "task": {"segment": _("Segment (propagate labels)"), "denoise": _("Denoise"),
+             "inpaint": _("Inpaint (fill a region)"), "synthesize": _("Synthesize a contrast")},
+    "modality": {"auto": _("Automatic"), "ct": _("CT"), "mr": _("MRI"), "xray": _("X-ray"),
+                 "us": _("Ultrasound"), "other": _("Other")},
+    "device": {"auto": _("Automatic (GPU if available)"), "cuda": _("GPU (CUDA)"), "cpu": _("CPU")},
+    "view": {"Red": _("Red view"), "Yellow": _("Yellow view"), "Green": _("Green view")},
+    "rangeMode": {"whole": _("Whole volume"), "between": _("Between the labelled slices"),
+                  "around": _("Around the labelled slices")},
+    "propagationMode": {"auto": _("Automatic"), "propagate": _("Slice by slice from the labelled slices"),
+                        "independent": _("Each slice from the examples alone")},
+}
 
 
 def _importable(module: str) -> bool:
@@ -92,7 +106,8 @@ class MedicalGeneralistParameterNode:
     """The panel's state, saved with the scene.
 
     examples: (volume, numpy axis, slice index, target node) per row of the examples table.
-    excludedSegments: segments left unticked (so segments added later are included by default).
+    excludedSegments: ids of the segments left unticked (ids, so a renamed segment keeps its
+        tick; segments added later are included by default).
     model: a registry id ("" for the default) or "local" for modelPath.
     """
 
@@ -238,6 +253,8 @@ class MedicalGeneralistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         """Called when the application closes: stop a running job, drop observers."""
         self._cancelJob(discard=True)
         self.removeObservers()
+        if getattr(self, "_watcher", None) is not None:
+            self._watcher.stop()
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -268,8 +285,17 @@ class MedicalGeneralistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self._labelChoiceComboBoxes()
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
             self.updateGUIFromParameterNode()
+
+    def _labelChoiceComboBoxes(self) -> None:
+        """Readable texts in the combo boxes bound to Choice fields (connectGui fills in the keys)."""
+        for widget in vars(self.ui).values():
+            parameter = widget.property("SlicerParameterName") if isinstance(widget, qt.QComboBox) else None
+            for index in range(widget.count) if parameter in CHOICE_LABELS else ():
+                key = widget.itemText(index)
+                widget.setItemText(index, CHOICE_LABELS[parameter].get(key, key))
 
     def updateGUIFromParameterNode(self, caller=None, event=None) -> None:
         """Everything the bindings cannot do: table, segment list, task-specific rows, warnings."""
@@ -326,24 +352,45 @@ class MedicalGeneralistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         return MedicalGeneralistLogic.segmentSource(p) or p.exampleSegmentation
 
     def _fillSegmentsList(self, p) -> None:
+        """One checkable row per segment (id in the item's data); kept current by a watcher on
+        the listed segmentation, so added, removed or renamed segments show at once."""
         from MedicalGeneralistLib import slicer_io
 
         listWidget = self.ui.segmentsListWidget
+        wasBlocked = listWidget.blockSignals(True)
         listWidget.clear()
         source = self._segmentSource(p)
-        for name in slicer_io.segment_names(source) if source else []:
+        self._segmentWatcher().watch(source)
+        for segmentId, name, ticked in slicer_io.segment_rows(source, p.excludedSegments):
             item = qt.QListWidgetItem(name)
+            item.setData(qt.Qt.UserRole, segmentId)
             item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
-            ticked = name not in p.excludedSegments
             item.setCheckState(qt.Qt.Checked if ticked else qt.Qt.Unchecked)
             listWidget.addItem(item)
+        listWidget.blockSignals(wasBlocked)
+
+    def _segmentWatcher(self):
+        if getattr(self, "_watcher", None) is None:
+            from MedicalGeneralistLib import slicer_io
+
+            self._watcher = slicer_io.SegmentListWatcher(self._onSegmentsChanged)
+        return self._watcher
+
+    def _onSegmentsChanged(self) -> None:
+        if self._parameterNode is not None and not self._updating:
+            self._updating = True
+            try:
+                self._fillSegmentsList(self._parameterNode)
+            finally:
+                self._updating = False
 
     def onSegmentTicked(self, item) -> None:
         if self._updating or self._parameterNode is None:
             return
         listWidget = self.ui.segmentsListWidget
         items = [listWidget.item(i) for i in range(listWidget.count)]
-        self._parameterNode.excludedSegments = [i.text() for i in items if i.checkState() != qt.Qt.Checked]
+        self._parameterNode.excludedSegments = [i.data(qt.Qt.UserRole) for i in items
+                                                if i.checkState() != qt.Qt.Checked]
 
     def _updateApplyButton(self, p) -> None:
         if self._job is not None:
@@ -587,9 +634,9 @@ class MedicalGeneralistLogic(ScriptedLoadableModuleLogic):
             raise ValueError(_("Choose the local checkpoint file (model.safetensors) first."))
         names = None
         source = MedicalGeneralistLogic.segmentSource(p)
-        if p.task == "segment" and source is not None and p.excludedSegments:
-            names = [n for n in slicer_io.segment_names(source) if n not in p.excludedSegments]
-            if not names:
+        if p.task == "segment" and source is not None:
+            names = slicer_io.ticked_segment_names(source, p.excludedSegments)
+            if names == []:
                 raise ValueError(_("Tick at least one segment to propagate."))
         examples = [slicer_io.ExampleSlice(*e) for e in p.examples]
         return RunRequest(

@@ -14,6 +14,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 MODULE = REPO / "MedicalGeneralist"
+EFFECT = REPO / "SegmentEditorFillFromExamples"
 
 
 def _cmake_list(text: str, variable: str) -> list[str]:
@@ -40,6 +41,33 @@ def test_every_runtime_file_is_installed_and_nothing_else() -> None:
     assert data - resources == set(), "add these to MODULE_PYTHON_RESOURCES in MedicalGeneralist/CMakeLists.txt"
     for resource in resources:
         assert (MODULE / resource).is_file(), resource
+
+
+def test_segment_editor_effect_module_is_built_with_all_its_files() -> None:
+    """The hidden module that registers 'Fill from examples' ships every file it has."""
+    assert "add_subdirectory(SegmentEditorFillFromExamples)" in (REPO / "CMakeLists.txt").read_text()
+    cmake = (EFFECT / "CMakeLists.txt").read_text()
+    name = "SegmentEditorFillFromExamples"
+    listed = {s.replace("${MODULE_NAME}", name) for s in
+              _cmake_list(cmake, "MODULE_PYTHON_SCRIPTS") + _cmake_list(cmake, "MODULE_PYTHON_RESOURCES")}
+    on_disk = {str(p.relative_to(EFFECT)) for p in EFFECT.rglob("*")
+               if p.is_file() and p.name != "CMakeLists.txt" and "__pycache__" not in p.parts}
+    assert listed == on_disk
+    assert re.search(rf"slicerMacroBuildScriptedModule\(\s*NAME \$\{{MODULE_NAME\}}", cmake)
+    assert f"set(MODULE_NAME {name})" in cmake
+    effect = (EFFECT / f"{name}Lib" / "SegmentEditorEffect.py").read_text()
+    assert "AbstractScriptedSegmentEditorEffect" in effect and "saveStateForUndo" in effect
+    assert "effect_logic" in effect  # its work is in the MedicalGeneralist module's runtime files
+    assert "MedicalGeneralistLib/effect_logic.py" in _cmake_list((MODULE / "CMakeLists.txt").read_text(),
+                                                                 "MODULE_PYTHON_SCRIPTS")
+
+
+def test_contributors_are_not_placeholders() -> None:
+    """No template placeholder as a contributor (no invented names either: the organisation)."""
+    texts = [(REPO / "CMakeLists.txt").read_text(), (MODULE / "MedicalGeneralist.py").read_text(),
+             (EFFECT / "SegmentEditorFillFromExamples.py").read_text()]
+    for text in texts:
+        assert not re.search(r"John Doe|AnyWare|Firstname|TemplateKey|\(Organization\)|Jean-Christophe", text)
 
 
 def test_extension_ships_no_training_or_benchmark_code() -> None:

@@ -394,3 +394,51 @@ def test_new_volume_node_copies_geometry_transform_and_place(mrml: Scene) -> Non
     assert shn.GetItemParent(shn.GetItemByDataNode(out)) == folder
     with pytest.raises(ValueError, match="does not match"):
         io.new_volume_node(node, array[1:], "wrong")
+
+
+# -- the panel's segment list --------------------------------------------------------------------
+def test_segment_list_keys_ticks_by_id_and_follows_changes(mrml: Scene) -> None:
+    """Unticked segments are remembered by id: a rename keeps the tick, a new segment is ticked,
+    and the watcher tells the panel about every add, rename and removal (then stops when told)."""
+    node = mrml.load_volume(T1, "t1")
+    seg = mrml.tissue_segmentation(node)
+    segmentation = seg.GetSegmentation()
+    grey = segmentation.GetSegmentIdBySegmentName("grey matter")
+    calls = []
+    watcher = io.SegmentListWatcher(lambda: calls.append(len(io.segment_rows(seg, [grey]))))
+    watcher.watch(seg)
+    assert [(n, t) for _i, n, t in io.segment_rows(seg, [grey])] == [("grey matter", False), ("white matter", True)]
+    assert io.ticked_segment_names(seg, [grey]) == ["white matter"]
+    assert io.ticked_segment_names(seg, []) is None  # nothing unticked: run them all
+    segmentation.GetSegment(grey).SetName("cortex")
+    assert [(n, t) for _i, n, t in io.segment_rows(seg, [grey])][0] == ("cortex", False) and calls
+    added = segmentation.AddEmptySegment("", "lesion")
+    assert calls[-1] == 3 and io.segment_rows(seg, [grey])[-1] == (added, "lesion", True)
+    segmentation.RemoveSegment(added)
+    assert calls[-1] == 2
+    count = len(calls)
+    watcher.stop()
+    segmentation.AddEmptySegment("", "after stop")
+    assert len(calls) == count and io.segment_rows(None, []) == []
+
+
+def test_results_show_in_3d_and_previews_do_not(mrml: Scene) -> None:
+    node = _oblique_volume(mrml)
+    a, b = _overlapping_masks((12, 15, 18))
+    result = io.new_segmentation_node(node, "result")
+    io.add_segments(result, node, [("organ", None, a)])
+    assert result.GetSegmentation().ContainsRepresentation("Closed surface")
+    surface = result.GetSegmentation().GetNthSegment(0).GetRepresentation("Closed surface")
+    assert surface.GetNumberOfPoints() > 0
+    preview = io.new_segmentation_node(node, "preview")
+    io.add_segments(preview, node, [("organ", None, a)], surface=False)
+    assert not preview.GetSegmentation().ContainsRepresentation("Closed surface")
+
+
+def test_remove_node_takes_its_display_and_storage_nodes_along(mrml: Scene) -> None:
+    node = _oblique_volume(mrml)
+    before = {mrml.scene.GetNthNode(i).GetID() for i in range(mrml.scene.GetNumberOfNodes())}
+    seg = io.new_segmentation_node(node, "scratch")
+    seg.AddDefaultStorageNode()
+    io.remove_node(seg)
+    assert {mrml.scene.GetNthNode(i).GetID() for i in range(mrml.scene.GetNumberOfNodes())} == before

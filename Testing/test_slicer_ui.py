@@ -92,3 +92,45 @@ def test_node_selectors_get_the_scene() -> None:
     connected = {c.find("receiver").text for c in root.iter("connection")
                  if c.find("signal").text == "mrmlSceneChanged(vtkMRMLScene*)"}
     assert selectors and selectors == connected
+
+
+def choice_fields() -> dict[str, list[str]]:
+    """Parameter node fields annotated with Choice([...]): field -> keys, in order."""
+    tree = ast.parse(SOURCE)
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MedicalGeneralistParameterNode")
+    out = {}
+    for statement in cls.body:
+        for call in ast.walk(statement):
+            if isinstance(call, ast.Call) and getattr(call.func, "id", "") == "Choice":
+                out[statement.target.id] = ast.literal_eval(call.args[0])
+    return out
+
+
+def choice_labels() -> dict[str, dict[str, str]]:
+    """CHOICE_LABELS of MedicalGeneralist.py, with the texts inside _("...") read as literals."""
+    tree = ast.parse(SOURCE)
+    node = next(n.value for n in tree.body if isinstance(n, ast.Assign)
+                and getattr(n.targets[0], "id", "") == "CHOICE_LABELS")
+    text = lambda v: v.args[0].value if isinstance(v, ast.Call) else v.value
+    return {k.value: {kk.value: text(vv) for kk, vv in zip(v.keys, v.values)} for k, v in zip(node.keys, node.values)}
+
+
+def test_choice_combo_boxes_show_readable_labels(loaded_ui) -> None:
+    """Each combo box bound to a Choice field gets a readable, distinct label for every key, put
+    in by position the way the parameter node's connector fills the keys (read back by index)."""
+    from PySide6.QtWidgets import QComboBox
+
+    fields, labels, bindings = choice_fields(), choice_labels(), ui_bindings()
+    bound = {w: p for w, p in bindings.items() if p in fields}
+    assert {"task", "modality", "device", "view", "rangeMode", "propagationMode"} <= set(bound.values())
+    for widget_name, parameter in bound.items():
+        combo = loaded_ui.findChild(QComboBox, widget_name)
+        combo.clear()
+        combo.addItems(fields[parameter])  # what the connector does
+        for index in range(combo.count()):  # what _labelChoiceComboBoxes does
+            combo.setItemText(index, labels[parameter][combo.itemText(index)])
+        shown = [combo.itemText(i) for i in range(combo.count())]
+        assert set(labels[parameter]) == set(fields[parameter]), parameter
+        assert len(set(shown)) == len(shown) and not set(shown) & set(fields[parameter]) - {"CT", "CPU"}, shown
+    tooltips = " ".join(w.toolTip() for w in loaded_ui.findChildren(QComboBox))
+    assert not re.search(r"\b(segment|auto|whole|propagate):", tooltips)  # no raw keys in the help

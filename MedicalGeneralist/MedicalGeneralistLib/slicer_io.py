@@ -140,40 +140,35 @@ def slice_axis_index(slice_node: MRMLNode, volume_node: MRMLNode,
     return 2 - index_axis, index
 
 
-def slice_to_ras_for(volume_node: MRMLNode, axis: int, index: int) -> np.ndarray:
-    """A SliceToRAS matrix showing slice `index` along numpy `axis` with Slicer's usual screen
-    orientation (radiological axial/coronal, sagittal looking from the left); used to jump to an
-    example slice."""
-    to_world = ijk_to_world(volume_node)
-    dirs = to_world[:3, :3] / np.linalg.norm(to_world[:3, :3], axis=0)
-    normal_axis = 2 - axis
-    anatomical = int(np.argmax(np.abs(dirs[:, normal_axis])))  # 0 = R (sagittal), 1 = A, 2 = S
-    screen_x, screen_y = _PRESET_SCREEN_AXES[anatomical]
-    others = [a for a in range(3) if a != normal_axis]
-    x_axis = max(others, key=lambda a: abs(dirs[:, a] @ screen_x))
-    y_axis = next(a for a in others if a != x_axis)
-    x = dirs[:, x_axis] * np.sign(dirs[:, x_axis] @ screen_x)
-    y = dirs[:, y_axis] * (np.sign(dirs[:, y_axis] @ screen_y) or 1.0)
-    centre = (np.asarray(volume_node.GetImageData().GetDimensions(), dtype=float) - 1) / 2
-    centre[normal_axis] = index
-    matrix = np.eye(4)
-    matrix[:3, 0], matrix[:3, 1], matrix[:3, 2] = x, y, np.cross(x, y)
-    matrix[:3, 3] = (to_world @ np.append(centre, 1.0))[:3]
-    return matrix
+# Slicer's orientation presets, by the RAS axis closest to the slice normal (0 = R, 1 = A, 2 = S).
+_PRESETS = {0: "Sagittal", 1: "Coronal", 2: "Axial"}
+_PRESET_MATRIX = {"Sagittal": "GetSagittalSliceToRASMatrix", "Coronal": "GetCoronalSliceToRASMatrix",
+                  "Axial": "GetAxialSliceToRASMatrix"}
 
 
-# Screen right / screen up of Slicer's Sagittal, Coronal and Axial presets, in RAS.
-_PRESET_SCREEN_AXES = {
-    0: (np.array([0.0, -1.0, 0.0]), np.array([0.0, 0.0, 1.0])),
-    1: (np.array([-1.0, 0.0, 0.0]), np.array([0.0, 0.0, 1.0])),
-    2: (np.array([-1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])),
-}
+def view_orientation(volume_node: MRMLNode, axis: int) -> str:
+    """'Axial', 'Coronal' or 'Sagittal': the preset whose plane is closest to slices along `axis`."""
+    directions = ijk_to_world(volume_node)[:3, :3]
+    return _PRESETS[int(np.argmax(np.abs(directions[:, 2 - axis])))]
 
 
 def show_slice(slice_node: MRMLNode, volume_node: MRMLNode, axis: int, index: int) -> None:
-    """Point a view at an example slice (the volume's own plane, so it can be added again)."""
-    slice_node.GetSliceToRAS().DeepCopy(slicer.util.vtkMatrixFromArray(slice_to_ras_for(volume_node, axis, index)))
-    slice_node.UpdateMatrices()
+    """Point a view at an example slice in Slicer's standard orientation for that plane.
+
+    The view takes Slicer's own preset (so an axial slice is shown as 'Axial', radiological, with
+    the preset's normal), then `RotateToVolumePlane` aligns it with the voxel planes of an oblique
+    volume (it keeps the preset when the volume is not oblique), so the slice can be added again.
+    """
+    name = view_orientation(volume_node, axis)
+    if not slice_node.HasSliceOrientationPreset(name):  # a slice node created outside a layout
+        matrix = vtk.vtkMatrix3x3()
+        getattr(slicer.vtkMRMLSliceNode, _PRESET_MATRIX[name])(matrix)
+        slice_node.AddSliceOrientationPreset(name, matrix)
+    slice_node.SetOrientation(name)
+    slice_node.RotateToVolumePlane(volume_node)
+    centre = (np.asarray(volume_node.GetImageData().GetDimensions(), dtype=float) - 1) / 2
+    centre[2 - axis] = index
+    slice_node.JumpSliceByCentering(*(ijk_to_world(volume_node) @ np.append(centre, 1.0))[:3])
 
 
 def matching_axis(source: Volume, axis: int, query: Volume) -> int:
@@ -218,15 +213,85 @@ def segment_masks(seg_node: MRMLNode, names: Sequence[str], reference: MRMLNode)
     overlapping segments stay separate.
     """
     ids = segment_ids_by_name(seg_node, names)
-    logic = slicer.modules.segmentations.logic()
-    masks = {}
     with temporary_labelmap(reference) as labelmap:
-        for name in names:
-            if not logic.ExportSegmentsToLabelmapNode(seg_node, _string_array([ids[name]]), labelmap, reference):
-                raise InputError(f"cannot read segment '{name}' of '{seg_node.GetName()}' on the grid of "
-                                 f"'{reference.GetName()}'")
-            masks[name] = np.asarray(slicer.util.arrayFromVolume(labelmap)) != 0
-    return masks
+        return {name: _export_segment(seg_node, ids[name], reference, labelmap, name) for name in names}
+
+
+def segment_mask(seg_node: MRMLNode, segment_id: str, reference: MRMLNode) -> np.ndarray:
+    """One segment, chosen by id (names may repeat), as a (K, J, I) mask on the reference's grid."""
+    segment = seg_node.GetSegmentation().GetSegment(segment_id)
+    if segment is None:
+        raise InputError(f"segmentation '{seg_node.GetName()}' has no segment with id '{segment_id}': "
+                         "select an existing segment")
+    with temporary_labelmap(reference) as labelmap:
+        return _export_segment(seg_node, segment_id, reference, labelmap, segment.GetName())
+
+
+def _export_segment(seg_node, segment_id, reference, labelmap, name) -> np.ndarray:
+    logic = slicer.modules.segmentations.logic()
+    if not logic.ExportSegmentsToLabelmapNode(seg_node, _string_array([segment_id]), labelmap, reference):
+        raise InputError(f"cannot read segment '{name}' of '{seg_node.GetName()}' on the grid of "
+                         f"'{reference.GetName()}'")
+    return np.asarray(slicer.util.arrayFromVolume(labelmap)) != 0
+
+
+# -- the segment list of the panel -------------------------------------------------------------
+def segment_rows(seg_node: MRMLNode | None, excluded_ids: Iterable[str]) -> list[tuple[str, str, bool]]:
+    """(segment id, name, ticked) for each segment, in the segmentation's order.
+
+    Exclusions are kept by segment id, so renaming a segment keeps its tick, and a segment added
+    later is ticked by default.
+    """
+    if seg_node is None:
+        return []
+    excluded = set(excluded_ids)
+    segmentation = seg_node.GetSegmentation()
+    rows = []
+    for i in range(segmentation.GetNumberOfSegments()):
+        segment_id = segmentation.GetNthSegmentID(i)
+        rows.append((segment_id, segmentation.GetSegment(segment_id).GetName(), segment_id not in excluded))
+    return rows
+
+
+def ticked_segment_names(seg_node: MRMLNode | None, excluded_ids: Iterable[str]) -> list[str] | None:
+    """Names of the ticked segments for a run; None when nothing is excluded (run them all)."""
+    rows = segment_rows(seg_node, excluded_ids)
+    if all(ticked for _id, _name, ticked in rows):
+        return None
+    return [name for _id, name, ticked in rows if ticked]
+
+
+SEGMENT_LIST_EVENTS = ("SegmentAdded", "SegmentRemoved", "SegmentModified")
+
+
+class SegmentListWatcher:
+    """Calls `callback()` whenever segments of the watched segmentation are added, removed,
+    renamed or recoloured, so a list built from them never goes stale. The segmentation node
+    forwards its segmentation's events, so the node itself is observed (it survives the
+    segmentation object being replaced)."""
+
+    def __init__(self, callback) -> None:
+        self.callback = callback
+        self.node: MRMLNode | None = None
+        self._tags: list[int] = []
+
+    def watch(self, node: MRMLNode | None) -> None:
+        if node is self.node:
+            return
+        self.stop()
+        self.node = node
+        if node is not None:
+            self._tags = [node.AddObserver(getattr(slicer.vtkSegmentation, event), self._changed)
+                          for event in SEGMENT_LIST_EVENTS]
+
+    def stop(self) -> None:
+        if self.node is not None:
+            for tag in self._tags:
+                self.node.RemoveObserver(tag)
+        self.node, self._tags = None, []
+
+    def _changed(self, caller, event) -> None:
+        self.callback()
 
 
 @contextmanager
@@ -241,13 +306,24 @@ def temporary_labelmap(reference: MRMLNode):
     try:
         yield node
     finally:
-        helpers = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
-        helpers += [h.GetColorNode() for h in helpers if h is not None and h.GetColorNode() is not None]
-        helpers.append(node.GetStorageNode())
-        scene.RemoveNode(node)
-        for helper in helpers:
-            if helper is not None and helper.GetID() not in before and scene.IsNodePresent(helper):
-                scene.RemoveNode(helper)
+        remove_node(node, keep=before)
+
+
+def remove_node(node: MRMLNode, keep: set[str] | None = None) -> None:
+    """Remove a node with the display, colour and storage nodes it brought along (MRML's
+    RemoveNode leaves them behind). Nodes whose ids are in `keep` (or that are shared, such as
+    Slicer's default colour tables, when `keep` is None) stay."""
+    scene = node.GetScene()
+    if scene is None:
+        return
+    displays = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
+    helpers = displays + [node.GetStorageNode()]
+    if keep is not None:
+        helpers += [d.GetColorNode() for d in displays if d is not None and d.GetColorNode() is not None]
+    scene.RemoveNode(node)
+    for helper in helpers:
+        if helper is not None and helper.GetID() not in (keep or ()) and scene.IsNodePresent(helper):
+            scene.RemoveNode(helper)
 
 
 def _string_array(values: Iterable[str]) -> vtk.vtkStringArray:
@@ -471,10 +547,12 @@ def new_segmentation_node(reference: MRMLNode, name: str) -> MRMLNode:
 
 
 def add_segments(seg_node: MRMLNode, reference: MRMLNode,
-                 segments: Sequence[tuple[str, tuple[float, float, float] | None, np.ndarray]]) -> list[str]:
+                 segments: Sequence[tuple[str, tuple[float, float, float] | None, np.ndarray]],
+                 surface: bool = True) -> list[str]:
     """Add (name, colour, mask) segments as NEW segments; existing segments are left as they are.
 
     Masks are (K, J, I) arrays on the reference volume's grid. Returns the new segment ids.
+    surface: also build the 3D surface (results); a preview that is replaced often skips it.
     """
     shape = tuple(reversed(reference.GetImageData().GetDimensions()))
     for _, _, mask in segments:
@@ -493,7 +571,14 @@ def add_segments(seg_node: MRMLNode, reference: MRMLNode,
             slicer.util.updateVolumeFromArray(labelmap, mask.astype(np.uint8))
             if not logic.ImportLabelmapToSegmentationNode(labelmap, seg_node, _string_array([segment_id])):
                 raise RuntimeError(f"Slicer could not import segment '{name}'")
+    if surface:
+        show_in_3d(seg_node)
     return added
+
+
+def show_in_3d(seg_node: MRMLNode) -> None:
+    """Build the closed surface, so the segments also show in the 3D view (as painting does)."""
+    seg_node.CreateClosedSurfaceRepresentation()
 
 
 def new_volume_node(reference: MRMLNode, array: np.ndarray, name: str) -> MRMLNode:
