@@ -23,6 +23,7 @@ from medgen_dev.bench import runner as bench
 from medgen_dev.bench import baselines as bl
 
 from medgen_dev.bench import data as bench_data
+from medgen_dev.bench import report as bench_report
 from medgen_dev.bench.speed import universeg_flops, universeg_reference
 from medgen.io.images import read_volume
 from medgen.metrics import seg_scores
@@ -78,6 +79,19 @@ def test_quick_bench_writes_a_finite_report(tmp_path: Path, shared_data: Path) -
         assert f"bench/{png}.png" in report
     seen = {r["seen"] for r in results["propagation"]["rows"]}
     assert "no" in seen  # the quick subset keeps held-out material
+    # in-context use: every ambiguity case scored against its own and the other targets
+    ic = results["in_context"]
+    assert len(ic["rows"]) >= 3 and "## Does the model read its examples?" in report
+    for row in ic["rows"]:
+        assert 0 <= row["follows_fraction"] <= 1 and row["n"] >= 2 * len(row["query_slices"])
+    # the model card's tables come from this very run, and a second write replaces the first
+    card = tmp_path / "MODEL_CARD.md"
+    card.write_text("# A model\n\nWhat it is for.\n")
+    for _ in range(2):
+        bench_report.write_card_tables(card, results, {"again": results})
+    text = card.read_text()
+    assert text.startswith("# A model") and text.count(bench_report.CARD_BEGIN) == 1
+    assert "| benchmark | this model | again |" in text and "Ambiguity test" in text
     nets = {v["net"] for v in results["speed"]["volumes"]}
     assert nets == {"medgen", "universeg"}
 

@@ -102,6 +102,7 @@ class BenchConfig:
     eval_slices: int = 16
     crop: bool = False  # quick runs crop every 3D case around its structure / hole
     seed: int = 0
+    data_root: Path | None = None  # the shared data folder (the in-context section's cases live there)
     speed: SpeedSpec = field(default_factory=SpeedSpec)
 
 
@@ -116,7 +117,7 @@ def load_config(path: str | Path | None = None, quick: bool = False) -> BenchCon
     if not root.is_dir():
         raise InputError(f"{path}: data_root {root} does not exist (the shipped configuration "
                          "expects ../shared/data beside the repository)")
-    cfg = BenchConfig(raw.get("name", path.stem), str(path), seed=int(raw.get("seed", 0)))
+    cfg = BenchConfig(raw.get("name", path.stem), str(path), seed=int(raw.get("seed", 0)), data_root=root)
     prop, cross, img = raw.get("propagation", {}), raw.get("cross_subject", {}), raw.get("image_tasks", {})
     cfg.structures = [_structure(root, s) for s in prop.get("structures", [])]
     cfg.pair_sets = [_pair_set(root, s) for s in cross.get("sets", [])]

@@ -238,6 +238,8 @@ def _sections(results: dict, images: dict[str, str]) -> list[str]:
         lines += _propagation_section(results["propagation"], images)
     if "cross_subject" in results:
         lines += _cross_section(results["cross_subject"], images)
+    if "in_context" in results or "cross_subject" in results:
+        lines += in_context_section(results)
     if "image_tasks" in results:
         lines += _image_section(results["image_tasks"], images)
     if "speed" in results:
@@ -317,6 +319,47 @@ def main_table(results: dict) -> list[str]:
     return lines
 
 
+def k_slopes(results: dict) -> list[dict]:
+    """Dice of the model at the smallest and the largest k per cross-subject set (the slope
+    tells whether more examples help, which a domain-recogniser's flat curve does not)."""
+    out = []
+    rows = [r for r in results.get("cross_subject", {}).get("summary", []) if r["method"] == "ours"]
+    for name in dict.fromkeys(r["set"] for r in rows):
+        by_k = {r["k"]: r["dice"] for r in rows if r["set"] == name}
+        lo, hi = min(by_k), max(by_k)
+        out.append({"set": name, "k_low": lo, "k_high": hi, "dice_low": by_k[lo], "dice_high": by_k[hi],
+                    "gain": by_k[hi] - by_k[lo], "curve": by_k})
+    return out
+
+
+def in_context_section(results: dict) -> list[str]:
+    """Dice against k, the ambiguity test and the shuffled-examples control."""
+    lines = ["## Does the model read its examples?", "",
+             "A model that only recognises the domain gives a flat Dice-vs-k curve, the same output "
+             "whatever target its examples show, and nearly the same Dice with another task's examples.", ""]
+    slopes = k_slopes(results)
+    if slopes:
+        lines += ["| cross-subject set | Dice by k (model) | gain from fewest to most examples |", "|---|---|---|"]
+        lines += [f"| {s['set']} | " + " · ".join(f"k={k} {v:.3f}" for k, v in sorted(s["curve"].items()))
+                  + f" | {s['gain']:+.3f} |" for s in slopes] + [""]
+    ic = results.get("in_context", {})
+    if ic.get("rows"):
+        lines += ["Ambiguity test: the same query slices, examples of different targets on the same example "
+                  "slices (slice by slice, no propagation). *Follows* = the output is closer to its own "
+                  "target than to every other target. Shuffled = the example pairs of another case.", "",
+                  "| case | seen | k | queries × targets | Dice own target | Dice best other target | follows | Dice with shuffled examples |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in ic["rows"]:
+            lines.append(f"| {r['case']} | {r['seen']} | {r['k']} | {r['n']} | {r['dice_own']:.3f} | "
+                         f"{r['dice_best_other']:.3f} | {r['follows_fraction']:.0%} | {r['dice_shuffled']:.3f} |")
+        s = ic["summary"]
+        lines += ["", f"Over all cases: outputs follow their examples on {s['follows_fraction']:.0%} of "
+                  f"queries; true examples score {s['dice_true_minus_shuffled']:+.3f} Dice above shuffled ones. "
+                  "All these images were seen in training (their labels too): a held-out multi-label "
+                  "volume would be the cleaner test.", ""]
+    return lines
+
+
 CARD_BEGIN = "<!-- medgen bench: tables begin (written by `medgen bench --card`) -->"
 CARD_END = "<!-- medgen bench: tables end -->"
 
@@ -327,7 +370,7 @@ def write_card_tables(card: Path, results: dict, ablations: dict[str, dict]) -> 
     meta = results["meta"]
     lines = [CARD_BEGIN, "", f"From `medgen bench` ({meta.get('date_utc', '')}, {meta.get('cpu', '')}, "
              f"model sha256 {str(meta.get('model_sha256', ''))[:8]}); rows marked seen = no are held out.", "",
-             *main_table(results)]
+             *main_table(results), "", *in_context_section(results)]
     if ablations:
         lines += ["", "Ablations (same benchmark rows, model figure only):", "", *ablation_table(results, ablations)]
     lines += ["", CARD_END]

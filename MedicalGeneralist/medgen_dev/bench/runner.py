@@ -34,7 +34,7 @@ from medgen.core.volume import Volume, parse_axis
 # cli.py can build its parser from add_bench_arguments without paying for them on every command.
 
 Log = Callable[[str], None]
-SECTIONS = ("propagation", "cross_subject", "image_tasks", "speed")
+SECTIONS = ("propagation", "cross_subject", "in_context", "image_tasks", "speed")
 
 
 # -- command line -----------------------------------------------------------------------------------
@@ -119,6 +119,7 @@ def run_bench(cfg: BenchConfig, model_spec: str | None = None, device: str = "au
     pictures: dict = {}
     steps = {"propagation": lambda: propagation(model, cfg, device, log),
              "cross_subject": lambda: cross_subject(model, cfg, device, log),
+             "in_context": lambda: (in_context(model, cfg, device, log), {}),
              "image_tasks": lambda: image_tasks(model, cfg, device, log),
              "speed": lambda: (speed(model, cfg, device, model_spec, log), {})}
     for name in SECTIONS:
@@ -251,6 +252,16 @@ def _cross_one(model, ps: PairSet, query: tuple[Volume, np.ndarray], examples: l
     row = {"set": ps.name, "seen_queries": ps.seen_queries, "seen_examples": ps.seen_pool,
            "modality": ps.modality, "labels_by": ps.labels_by, "methods": methods}
     return row, {"image": q2d, "truth": truth[0], "preds": preds[top], "k": top}
+
+
+# -- 2b. in-context use: ambiguity and shuffled examples ---------------------------------------------
+def in_context(model, cfg: BenchConfig, device: str, log: Log) -> dict:
+    """Outputs must follow the examples (incontext.py); needs the shared data's multi-label cases."""
+    from medgen_dev.bench.incontext import ambiguity
+
+    if cfg.data_root is None:
+        return {"rows": [], "summary": {}, "skipped": "no shared data folder in this configuration"}
+    return ambiguity(model, cfg.data_root, device, log, n_query=3 if cfg.crop else 6)
 
 
 # -- 3. image tasks ----------------------------------------------------------------------------------

@@ -1,0 +1,132 @@
+"""Does the model read its examples? The bench's in-context section (issue: Dice must follow k and
+the examples).
+
+Two measurements that a model which only recognises the domain cannot pass:
+- ambiguity: the same query slices with examples of *different targets on the same example
+  images* (CT liver vs spleen vs kidney; MNI grey vs white matter; BraTS sub-regions; aseg
+  structures). Each output is scored against its own target and against the others'; an output
+  "follows its examples" on a query when it is closer (Dice) to its own target than to every other.
+- shuffled examples: the same queries with the example pairs of another case (other images, other
+  task); the Dice against the true target must fall far below the Dice with the true examples.
+Queries and examples are slices of one volume, run slice by slice (independent mode), so no
+propagation or prior channel can carry the answer: only the example pairs say what to segment.
+The slope of Dice against k on held-out cross-subject sets comes from the cross-subject section.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medgen.core.volume import Volume, parse_axis
+from medgen.io.images import read_volume
+from medgen.metrics import dice
+from medgen.prompts import pairs_from_volumes
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class AmbiguityCase:
+    name: str
+    image: str  # relative to the data root
+    targets: dict[str, tuple[str, tuple[int, ...] | None]]  # name -> (label file, values; None = >127 map)
+    modality: str
+    seen: str  # whether the model trained on these images and labels
+
+
+CASES = (
+    AmbiguityCase("TotalSegmentator CT: liver / spleen / right kidney", "totalseg_example/ct.nii.gz",
+                  {"liver": ("totalseg_example/ct_seg_model.nii.gz", (5,)),
+                   "spleen": ("totalseg_example/ct_seg_model.nii.gz", (1,)),
+                   "kidney": ("totalseg_example/ct_seg_model.nii.gz", (2,))}, "ct", "yes"),
+    AmbiguityCase("MNI152: grey / white matter", "mni152/t1.nii.gz",
+                  {"grey matter": ("mni152/gm.nii.gz", None), "white matter": ("mni152/wm.nii.gz", None)},
+                  "mr", "yes"),
+    AmbiguityCase("BraTS TCGA-DU-7294: the two tumour sub-regions", "brats/TCGA-DU-7294/flair.nii.gz",
+                  {"region 1": ("brats/TCGA-DU-7294/seg_fusion_algorithmic.nii.gz", (1,)),
+                   "region 2": ("brats/TCGA-DU-7294/seg_fusion_algorithmic.nii.gz", (2,))}, "mr", "yes"),
+    AmbiguityCase("voxelmorph aseg: ventricle / thalamus / putamen", "voxelmorph_brain/t1.nii.gz",
+                  {"ventricle": ("voxelmorph_brain/aseg.nii.gz", (4,)),
+                   "thalamus": ("voxelmorph_brain/aseg.nii.gz", (10,)),
+                   "putamen": ("voxelmorph_brain/aseg.nii.gz", (12,))}, "mr", "yes"),
+)
+
+
+def _load(case: AmbiguityCase, root: Path) -> tuple[Volume, int, dict[str, np.ndarray]]:
+    image = read_volume(root / case.image)
+    axis = parse_axis("axial", image)
+    masks = {}
+    for name, (path, values) in case.targets.items():
+        label = read_volume(root / path, label=values is not None).array
+        mask = label > 127 if values is None else np.isin(label, values)
+        masks[name] = np.moveaxis(mask, axis, 0)
+    return image, axis, masks
+
+
+def _slices(masks: dict[str, np.ndarray], k: int, n_query: int, min_pixels: int = 20) -> tuple[list[int], list[int]]:
+    """Slices where every target is present: k spread examples, and queries in between them."""
+    present = np.all([(m.sum((1, 2)) >= min_pixels) for m in masks.values()], axis=0)
+    idx = np.nonzero(present)[0]
+    picks = idx[np.linspace(0, len(idx) - 1, k + n_query).round().astype(int)]
+    picks = sorted(set(int(p) for p in picks))
+    examples = picks[::max(1, len(picks) // k)][:k]
+    return examples, [p for p in picks if p not in examples][:n_query]
+
+
+def _predict(model, image: Volume, axis: int, example_slices: list[int], mask: np.ndarray,
+             queries: list[int], modality: str, device: str, source: Volume | None = None,
+             source_axis: int | None = None, source_modality: str | None = None) -> np.ndarray:
+    """Segment the query slices from example pairs (the image's own slices, or another case's)."""
+    from medgen.infer.pipeline import RunOptions, run
+    from medgen.infer.segment import SegmentSettings
+
+    src = source or image
+    src_axis = axis if source_axis is None else source_axis
+    labels = src.with_array(np.moveaxis(mask.astype(np.uint8), 0, src_axis))
+    examples = pairs_from_volumes(src, labels, src_axis, example_slices, "segment", source_modality or modality,
+                                  own=False)
+    stack = np.moveaxis(np.take(image.array, queries, axis=axis), axis, 0)
+    query = Volume(stack.astype(np.float32), image.spacing, image.origin, image.direction)
+    out = run(model, query, examples, RunOptions("segment", 0, modality, device,
+                                                  segment=SegmentSettings(mode="independent")))
+    return out.array > 0
+
+
+def ambiguity(model, root: Path, device: str, log: Log, k: int = 3, n_query: int = 6) -> dict:
+    """Rows per case: Dice of each target's output against its own and the other targets."""
+    loaded = [(c, *_load(c, root)) for c in CASES if (root / c.image).is_file()]
+    rows = []
+    for ci, (case, image, axis, masks) in enumerate(loaded):
+        ex, q = _slices(masks, k, n_query)
+        outputs = {t: _predict(model, image, axis, ex, m, q, case.modality, device) for t, m in masks.items()}
+        own, other, follows = [], [], []
+        for t, pred in outputs.items():
+            for j, s in enumerate(q):
+                d = {u: dice(pred[j], masks[u][s]) for u in masks}
+                best_other = max(v for u, v in d.items() if u != t)
+                own.append(d[t]), other.append(best_other), follows.append(d[t] > best_other)
+        donor_case, donor_image, donor_axis, donor_masks = loaded[(ci + 1) % len(loaded)]
+        donor_mask = next(iter(donor_masks.values()))
+        donor_ex, _ = _slices({"m": donor_mask}, k, 0)
+        shuffled = []
+        for t, m in masks.items():
+            pred = _predict(model, image, axis, donor_ex, donor_mask, q, case.modality, device,
+                            source=donor_image, source_axis=donor_axis, source_modality=donor_case.modality)
+            shuffled += [dice(pred[j], m[s]) for j, s in enumerate(q)]
+        row = {"case": case.name, "seen": case.seen, "targets": list(masks), "k": k,
+               "example_slices": ex, "query_slices": q, "dice_own": float(np.mean(own)),
+               "dice_best_other": float(np.mean(other)), "follows_fraction": float(np.mean(follows)),
+               "n": len(follows), "shuffled_donor": donor_case.name, "dice_shuffled": float(np.mean(shuffled))}
+        rows.append(row)
+        log(f"{case.name}: own {row['dice_own']:.3f} vs best other {row['dice_best_other']:.3f}, follows "
+            f"{row['follows_fraction']:.0%}; shuffled examples {row['dice_shuffled']:.3f}")
+    summary = {"follows_fraction": float(sum(r["follows_fraction"] * r["n"] for r in rows) / sum(r["n"] for r in rows))
+               if rows else None,
+               "dice_true_minus_shuffled": float(np.mean([r["dice_own"] - r["dice_shuffled"] for r in rows]))
+               if rows else None}
+    return {"rows": rows, "summary": summary}
+
