@@ -27,6 +27,10 @@ from medgen.io import nifti
 TWO_D_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 WRITE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".seg.nrrd", ".mha", ".mhd", ".png")
 LABEL_MAX = 2**31 - 1  # labels become int32 outputs (segment.label_dtype): larger ones would wrap
+# zlib cannot compress better than about 1032:1, so a single-file image whose header claims more
+# voxel bytes than this times its size is truncated or corrupt; refused before ITK allocates.
+MAX_RATIO = 1100
+SINGLE_FILE = (".nii", ".nii.gz", ".nrrd", ".seg.nrrd", ".mha")
 
 
 def _suffix(path: Path) -> str:
@@ -91,12 +95,47 @@ def _read_sitk(path: Path) -> sitk.Image:
         return _read_dicom_folder(path)
     if _suffix(path) in (".nii", ".nii.gz"):
         nifti.check_payload(path)  # ITK zero-fills truncated NIfTI and reads its NaN as 0
+    if _suffix(path) in SINGLE_FILE:
+        _check_claimed_size(path)
+    error: Exception | None = None
     with quiet_native() as said:
         try:
-            return sitk.ReadImage(str(path))
+            image = sitk.ReadImage(str(path))
         except RuntimeError as err:
             error = err
-    raise InputError(f"{path}: cannot read image ({_native_reason(error, said.text)})") from error
+    if error is None and _native_failure(said.text):  # MetaIO: "Uncompress failed", no exception
+        error = RuntimeError(_native_failure(said.text))
+    if error is not None:
+        raise InputError(f"{path}: cannot read image ({_native_reason(error, said.text)})") from error
+    return image
+
+
+def _native_failure(text: str) -> str:
+    """A failure a native reader printed but did not raise (it then returns garbage voxels)."""
+    bad = [ln.strip() for ln in text.splitlines()
+           if ("fail" in ln.lower() or "error" in ln.lower() or "not read completely" in ln)
+           and "warning" not in ln.lower()]
+    return bad[0] if bad else ""
+
+
+def _check_claimed_size(path: Path) -> None:
+    """Refuse a header that claims more voxels than the file can hold, before allocating them."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    with quiet_native() as said:
+        try:
+            reader.ReadImageInformation()
+            error = None
+        except RuntimeError as err:
+            error = err
+    if error is not None:
+        raise InputError(f"{path}: cannot read image ({_native_reason(error, said.text)})") from error
+    component = sitk.Image([1, 1], reader.GetPixelID(), 1).GetSizeOfPixelComponent()
+    claimed = int(np.prod(reader.GetSize(), dtype=object)) * reader.GetNumberOfComponents() * component
+    if claimed > path.stat().st_size * MAX_RATIO + (1 << 20):
+        raise InputError(f"{path}: the header describes {claimed} bytes of voxels, more than a file of "
+                         f"{path.stat().st_size} bytes can hold: the file is truncated or corrupt; "
+                         "copy or export it again")
 
 
 def _read_dicom_folder(path: Path) -> sitk.Image:
