@@ -343,6 +343,8 @@ def _require_network() -> None:
     import socket
     from urllib.parse import urlparse
 
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return  # behind a proxy the Hub's name may not resolve here, yet downloads work
     host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
     try:
         socket.getaddrinfo(host, 443)
