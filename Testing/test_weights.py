@@ -43,6 +43,7 @@ def ckpt(tmp_path: Path, tiny_model: InContextUNet) -> Path:
 def _entry(model_id: str, source: dict, weights: Path, **extra) -> dict:
     return {"id": model_id, "title": f"Test {model_id}", "source": source,
             "sha256": W.file_sha256(weights), "size": weights.stat().st_size,
+            "config_sha256": W.file_sha256(weights.parent / W.CONFIG_FILE),
             "tasks": list(TASKS), "modalities": ["ct", "mr"], "license": "Apache-2.0",
             "parameters": 1000, **extra}
 

@@ -9,22 +9,22 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 from medgen.core.device import resolve_device
 from medgen.core.errors import InputError
 from medgen.prompts import examples_from_files, inpaint_self_examples, parse_slices
-from medgen.io.images import check_writable, read_volume, write_volume
+from medgen.io.images import check_writable, read_volume, same_file, write_volume
 from medgen.core.intensity import guess_modality
 from medgen.infer.pipeline import RunOptions, run, segment_mode
 from medgen.infer.segment import SegmentSettings
-from medgen.core.volume import Volume, parse_axis
-from medgen.io.weights import download_model, list_models, load_model, verify_model
+from medgen.core.volume import parse_axis
+from medgen.io.weights import download_model, list_models, load_model, verify_all, verify_model
 
 
 def run_command(args: argparse.Namespace) -> int:
     out = check_writable(args.out)
+    _check_not_an_input(out, args)
     resolve_device(args.device)
     image = read_volume(args.image)
     if out.suffix.lower() == ".png" and image.shape[0] > 1:
@@ -33,6 +33,9 @@ def run_command(args: argparse.Namespace) -> int:
     modality = args.modality or guess_modality(image.array)
     axis = parse_axis(args.axis, image)
     mask = read_volume(args.mask, label=True) if args.mask else None
+    if mask is not None and mask.shape == image.shape and not image.same_grid(mask):
+        raise InputError("the mask is not on the image's grid (spacing, origin or direction differ): "
+                         "resample it onto the image first")
     examples = examples_from_files(args.task, image, args.context_image, args.context_target,
                                    parse_slices(args.context_slices), args.axis, modality)
     if args.task == "inpaint" and not examples:
@@ -51,22 +54,37 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"medgen: {args.task} with {len(examples)} example(s){how}, model {info.id}, "
               f"modality {modality}, axis {axis}", file=sys.stderr)
     with _progress_bar(args.quiet) as progress:
-        result = run(model, image, examples, options, mask=mask, progress=progress)
+        result = run(model, image, examples, options, mask=mask, progress=_stop_on_interrupt(progress))
     if result is None:
         print("medgen: cancelled; nothing was written", file=sys.stderr)
         return 1
-    _write_atomically(result, out)
+    _stop_on_interrupt(lambda f, m: None)(1.0, "")  # a swallowed Ctrl-C: never write after it
+    write_volume(result, out)
     if not args.quiet:
         print(f"medgen: wrote {out}", file=sys.stderr)
     return 0
 
 
-def _write_atomically(result: Volume, out: Path) -> None:
-    """Write beside the target and rename: a crash never leaves a half-written output."""
-    name = out.name
-    with tempfile.TemporaryDirectory(dir=out.parent if str(out.parent) else ".") as tmp:
-        tmp_path = write_volume(result, Path(tmp) / name)
-        tmp_path.replace(out)
+def _check_not_an_input(out: Path, args: argparse.Namespace) -> None:
+    """The output must never overwrite an input (also through a symlink or another spelling)."""
+    inputs = [("image", args.image), ("mask", args.mask)]
+    inputs += [("example image", p) for p in args.context_image]
+    inputs += [("example target", p) for p in args.context_target]
+    for what, path in inputs:
+        if path and same_file(out, path):
+            raise InputError(f"the output {out} is the {what} {path}: choose another output file; "
+                             "inputs are never overwritten")
+
+
+def _stop_on_interrupt(progress):
+    """Wrap the engine's progress callback: a Ctrl-C a native library swallowed stops the run."""
+    from medgen.cli import interrupted
+
+    def update(fraction: float, message: str) -> None:
+        if interrupted():
+            raise KeyboardInterrupt
+        progress(fraction, message)
+    return update
 
 
 class _progress_bar:
@@ -99,11 +117,11 @@ def models_command(args: argparse.Namespace) -> int:
             print(f"{flag} {m['id']:<24} {m['parameters'] / 1e6:5.2f}M  {','.join(m['tasks'])}  "
                   f"{','.join(m['modalities'])}  {m['license']}  [{state}]")
         return 0
+    if args.action == "verify":
+        print("\n".join(verify_all() if not args.id else [verify_model(args.id)]))
+        return 0
     if not args.id:
         raise InputError(f"medgen models {args.action} needs a model id: see `medgen models list`")
-    if args.action == "verify":
-        print(verify_model(args.id))
-    else:
-        resolved = download_model(args.id)
-        print(f"{args.id}: {resolved.weights_path}")
+    resolved = download_model(args.id)
+    print(f"{args.id}: {resolved.weights_path}")
     return 0

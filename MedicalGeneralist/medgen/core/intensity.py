@@ -1,8 +1,13 @@
 """Robust intensity normalisation that can be undone, so image outputs return in input units.
 
-CT is in Hounsfield units, so a fixed window is meaningful and the same across scanners; MR,
+CT in Hounsfield units gets a fixed window, meaningful and the same across scanners; MR,
 ultrasound, X-ray and photographs are in arbitrary units, so their range is taken from
 percentiles of the whole volume (not per slice, which would make neighbouring slices disagree).
+Many CT files are not in HU (raw stored values 0..4095 without the rescale, i.e. HU + 1024, or
+linear attenuation coefficients around 0.02/mm): a HU window would map them to a constant and
+destroy them. Each CT volume is therefore checked (`looks_like_hu`) and, when its values are not
+HU, normalised from its own percentiles like any other modality; outputs are mapped back with the
+same normaliser, so they always come back in the input's units.
 Segmentation inputs are clipped to the window; image-task inputs are scaled but never clipped, so
 that a denoised or synthesised value outside the window is not lost.
 """
@@ -43,7 +48,7 @@ class Normalizer:
 def fit_normalizer(array: np.ndarray, modality: str, clip: bool = False,
                    window: str | None = None) -> Normalizer:
     """Choose the range from the modality: a CT window in HU, percentiles otherwise."""
-    if modality == "ct":
+    if modality == "ct" and looks_like_hu(array):
         lo, hi = CT_WINDOWS[window or DEFAULT_CT_WINDOW]
         return Normalizer(lo, hi, clip)
     sample = np.asarray(array)
@@ -55,6 +60,23 @@ def fit_normalizer(array: np.ndarray, modality: str, clip: bool = False,
     if hi - lo < 1e-6:
         hi = lo + 1.0
     return Normalizer(lo, hi, clip)
+
+
+def looks_like_hu(array: np.ndarray) -> bool:
+    """True when a CT's values are Hounsfield units: something below -50 HU (fat, air or the
+    outside-of-field padding of -1024/-2048/-3024) and a median that is tissue or air in HU.
+
+    Stored values without the rescale (HU + 1024) and attenuation coefficients have no negative
+    values; a crop of pure soft tissue in HU also fails the test and then gets the percentile
+    normalisation, which is the safe side: it never maps the volume to a constant.
+    """
+    sample = np.asarray(array).reshape(-1)
+    if sample.size > 4_000_000:
+        sample = sample[:: sample.size // 2_000_000]
+    if sample.dtype.kind not in "iuf" or sample.size == 0:
+        return False
+    low, median = (float(v) for v in np.percentile(sample, (0.5, 50)))
+    return low < -50 and -1100 <= median <= 400
 
 
 def guess_modality(array: np.ndarray) -> str:

@@ -62,7 +62,7 @@ def parse_axis(value: str | int | None, volume: Volume) -> int:
         return 0
     if value is None:
         return anatomical_axis("axial", volume)
-    if isinstance(value, int) or str(value).isdigit():
+    if isinstance(value, int) or (str(value).isascii() and str(value).isdigit()):
         axis = int(value)
         if axis not in (0, 1, 2):
             raise InputError(f"axis {axis} is out of range: use 0, 1, 2, axial, coronal or sagittal")

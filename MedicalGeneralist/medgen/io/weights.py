@@ -5,9 +5,11 @@ because it cannot run code on load, unlike pickle), `config.json` (the ModelConf
 state dict) and `MODEL_CARD.md` (what the model is for and what it must not be used for).
 
 Models are named by a spec (see `resolve_model`): a registry id from `Resources/Models.json`, a
-local path, or `hf://org/name[/subfolder]@revision`. Registry entries pin a sha256 that is checked
-before every load, so a corrupt download or a swapped file is refused rather than silently giving
-wrong segmentations. Hub downloads go through the standard Hugging Face cache, so `HF_HUB_OFFLINE=1`
+local path, or `hf://org/name[/subfolder]@<commit>`. Registry entries pin the sha256 of both the
+weights and their config.json, checked before every load, so a corrupt download or a swapped or
+edited file is refused rather than silently giving wrong segmentations. Every checkpoint, from any
+source, is then checked the same way before use: a strict config, weight shapes compared with that
+config before anything is allocated, and finite weights. Hub downloads go through the standard Hugging Face cache, so `HF_HUB_OFFLINE=1`
 and hospital machines without network work as soon as the files are cached (or copied) there.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -52,6 +55,7 @@ class ResolvedModel:
     card_path: Path | None
     expected_sha256: str | None  # None for bare local paths: nothing to compare against
     entry: dict | None = None  # the Models.json entry, when the spec named one
+    expected_config_sha256: str | None = None  # the entry's pin of config.json
 
 
 # -- checkpoints -------------------------------------------------------------------------------
@@ -161,8 +165,10 @@ def find_entry(model_id: str) -> dict:
         if entry["id"] == model_id:
             return entry
     known = ", ".join(m["id"] for m in registry["models"])
-    raise WeightsError(f"unknown model {model_id!r}: not an existing path, not hf://org/name@revision, "
-                       f"and not in the registry (known ids: {known})")
+    local = (f"; to use the local folder {model_id}, write it as a path: ./{model_id}"
+             if Path(model_id).exists() else "")
+    raise WeightsError(f"unknown model {model_id!r}: not in the registry (known ids: {known}), not "
+                       f"hf://org/name@<commit> and not a path{local}")
 
 
 def list_models() -> list[dict]:
@@ -187,10 +193,12 @@ def _is_available(entry: dict) -> bool:
 def resolve_model(spec: str | None = None, offline: bool | None = None) -> ResolvedModel:
     """Turn a spec into local files, downloading from the Hub unless offline.
 
-    spec: None or "default" (the registry default), `hf://org/name[/subfolder]@revision`, an
-    existing path (checkpoint directory, or a .safetensors file with config.json beside it; a path
-    wins over a registry id of the same name), or a registry id. offline defaults to
-    $HF_HUB_OFFLINE so that one switch covers this code and huggingface_hub itself.
+    spec: None or "default" (the registry default), `hf://org/name[/subfolder]@<commit>`, a path
+    (checkpoint directory, or a .safetensors file with config.json beside it), or a registry id.
+    A registry id always means the registry's verified copy: a folder of the same name in the
+    current directory is used only when written as a path (`./medgen-small`), so it can never
+    replace the default model unnoticed. offline defaults to $HF_HUB_OFFLINE so that one switch
+    covers this code and huggingface_hub itself.
     """
     offline = _offline_default() if offline is None else offline
     if spec is None or spec == "default":
@@ -198,7 +206,7 @@ def resolve_model(spec: str | None = None, offline: bool | None = None) -> Resol
     if spec.startswith(HF_PREFIX):
         repo, subfolder, revision = parse_hf_uri(spec)
         return _resolve_hub(spec, repo, revision, subfolder, offline)
-    if Path(spec).expanduser().exists() or _looks_like_path(spec):
+    if _looks_like_path(spec):
         return _resolve_local(Path(spec).expanduser())
     return _resolve_entry(find_entry(spec), offline)
 
@@ -206,13 +214,18 @@ def resolve_model(spec: str | None = None, offline: bool | None = None) -> Resol
 def parse_hf_uri(uri: str) -> tuple[str, str | None, str]:
     """`hf://org/name[/sub/folder]@revision` -> (org/name, subfolder or None, revision).
 
-    The revision is required: an unpinned branch could change under the user between two runs.
+    The revision is required and must be a full commit hash: a branch (`@main`) or a tag could
+    change under the user between two runs, and the commit is what the cache's content
+    addresses are checked against.
     """
     body, _, revision = uri[len(HF_PREFIX):].rpartition("@")
     parts = [p for p in body.split("/") if p]
     if not revision or len(parts) < 2:
         raise WeightsError(f"bad Hub model {uri!r}: write hf://org/name@<commit> or "
                            "hf://org/name/subfolder@<commit> (the revision is required)")
+    if not re.fullmatch(r"[0-9a-f]{40}", revision):
+        raise WeightsError(f"Hub model {uri!r}: revision {revision!r} is not pinned: give the full "
+                           "40-character commit hash (a branch or tag can change between runs)")
     return f"{parts[0]}/{parts[1]}", "/".join(parts[2:]) or None, revision
 
 
@@ -253,12 +266,13 @@ def _resolve_entry(entry: dict, offline: bool, force: bool = False) -> ResolvedM
     if source["type"] == "file":
         weights, config, card = _entry_files(entry)
         return ResolvedModel(entry["id"], weights, config, card if card.is_file() else None,
-                             entry["sha256"], entry)
+                             entry["sha256"], entry, entry["config_sha256"])
     resolved = _resolve_hub(entry["id"], source["repo"], source["revision"], source.get("subfolder"),
                             offline, force)
     if resolved.card_path is None and "card" in entry and (resources_root() / entry["card"]).is_file():
         resolved.card_path = resources_root() / entry["card"]
     resolved.expected_sha256, resolved.entry = entry["sha256"], entry
+    resolved.expected_config_sha256 = entry["config_sha256"]
     return resolved
 
 
@@ -278,59 +292,158 @@ def _hub_name(subfolder: str | None, filename: str) -> str:
 
 def _resolve_hub(label: str, repo: str, revision: str, subfolder: str | None, offline: bool,
                  force: bool = False) -> ResolvedModel:
-    """Fetch (or find in the cache) the checkpoint files of a Hub repo at a pinned revision."""
+    """Fetch (or find in the cache) the checkpoint files of a Hub repo at a pinned commit.
+
+    The cache is tried first: files of a pinned commit never change, so a cached copy needs no
+    network. The cached files are checked against their content addresses (blob names), so a
+    Hub model gets a checksum even without a registry entry.
+    """
     from huggingface_hub import hf_hub_download
 
-    kwargs = dict(revision=revision, subfolder=subfolder or None, cache_dir=_hf_cache_dir(),
-                  local_files_only=offline)
+    kwargs = dict(revision=revision, subfolder=subfolder or None, cache_dir=_hf_cache_dir())
     try:
-        weights = hf_hub_download(repo, WEIGHTS_FILE, force_download=force, **kwargs)
-        config = hf_hub_download(repo, CONFIG_FILE, **kwargs)
-    except Exception as e:  # any hub failure (no cache, no network, gated repo) means the same to a user
-        raise WeightsError(_not_cached_message(label, repo, revision, subfolder, offline, e)) from e
+        paths = _hub_files(hf_hub_download, repo, kwargs, offline=True, force=False)
+    except Exception as cached_error:  # noqa: BLE001 (any miss: try the network below, or explain)
+        if offline:
+            raise WeightsError(_hub_message(label, repo, revision, subfolder, offline, cached_error)) \
+                from cached_error
+        paths = None
+    if paths is None or force:
+        try:
+            _require_network()
+            paths = _hub_files(hf_hub_download, repo, kwargs, offline=False, force=force)
+        except Exception as e:  # noqa: BLE001 (translated into what failed, in one line)
+            raise WeightsError(_hub_message(label, repo, revision, subfolder, offline, e)) from e
+    weights, config = paths
+    for path in (weights, config):
+        _check_content_address(label, path)
     try:
-        card: Path | None = Path(hf_hub_download(repo, CARD_FILE, **kwargs))
-    except Exception:  # the card is documentation: its absence must not block a load
+        card: Path | None = Path(hf_hub_download(repo, CARD_FILE, local_files_only=True, **kwargs))
+    except Exception:  # noqa: BLE001 (the card is documentation: its absence must not block a load)
         card = None
-    return ResolvedModel(label, Path(weights), Path(config), card, None, None)
+    return ResolvedModel(label, weights, config, card, None, None)
 
 
-def _not_cached_message(label: str, repo: str, revision: str, subfolder: str | None, offline: bool,
-                        error: Exception) -> str:
+def _hub_files(download, repo: str, kwargs: dict, offline: bool, force: bool) -> tuple[Path, Path]:
+    """(weights, config) from the cache or the Hub, with huggingface_hub's retry log silenced."""
+    from huggingface_hub.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        weights = download(repo, WEIGHTS_FILE, local_files_only=offline, force_download=force, **kwargs)
+        config = download(repo, CONFIG_FILE, local_files_only=offline, force_download=force, **kwargs)
+    finally:
+        hf_logging.set_verbosity(level)
+    return Path(weights), Path(config)
+
+
+def _require_network() -> None:
+    """One name lookup instead of huggingface_hub's five retries (23 s and 11 lines of log)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return  # behind a proxy the Hub's name may not resolve here, yet downloads work
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as e:
+        raise ConnectionError(f"cannot reach {host}: no network or no name resolution") from e
+
+
+def _check_content_address(label: str, path: Path) -> None:
+    """A Hub cache stores each file as a blob named by its hash: sha256 for large (LFS) files,
+    the git blob sha1 for small ones. A cached file that no longer matches its name is corrupt."""
+    name = path.resolve().name
+    if re.fullmatch(r"[0-9a-f]{64}", name):
+        actual = file_sha256(path)
+    elif re.fullmatch(r"[0-9a-f]{40}", name):
+        data = path.read_bytes()
+        actual = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()  # noqa: S324 (git's hash)
+    else:
+        return  # a copy outside the blob store (no symlinks): nothing to compare with
+    if actual != name:
+        raise WeightsError(f"model {label}: the cached {path.name} is corrupt (its content no longer "
+                           f"matches its hash {name[:12]}…): delete {path.resolve()} and download again")
+
+
+def _hub_message(label: str, repo: str, revision: str, subfolder: str | None, offline: bool,
+                 error: Exception) -> str:
+    """Say what really failed: no cache offline, no network, no repo, no revision, no file..."""
+    from huggingface_hub import errors as E
+
     where = f"hf://{repo}{'/' + subfolder if subfolder else ''}@{revision}"
     name = where if label == where else f"{label} ({where})"
     cache = _hf_cache_dir() or "the default Hugging Face cache"
-    why = ("downloads are off (offline mode)" if offline
-           else f"downloading failed ({type(error).__name__}: {(str(error).splitlines() or [''])[0]})")
-    fetch = "" if label.startswith(HF_PREFIX) else f"run `medgen models download {label}` with network, "
-    return (f"model {name} is not in the local cache ({cache}) and {why}. To get it, {fetch}"
-            "set HF_HUB_OFFLINE=0 to allow downloading, or pass a local checkpoint path.")
+    fetch = "" if label.startswith(HF_PREFIX) else f"run `medgen models download {label}` with network, or "
+    if offline:
+        return (f"model {name} is not in the local cache ({cache}) and downloads are off (offline "
+                f"mode). To get it, {fetch}set HF_HUB_OFFLINE=0 to allow downloading, or pass a local "
+                "checkpoint path.")
+    if isinstance(error, E.GatedRepoError):
+        why = f"the repository {repo} is gated: accept its terms on the Hub and log in (`hf auth login`)"
+    elif isinstance(error, E.RepositoryNotFoundError):
+        why = f"the repository {repo} does not exist or is private (log in with `hf auth login` if it is yours)"
+    elif isinstance(error, E.RevisionNotFoundError):
+        why = f"the repository {repo} has no commit {revision}"
+    elif isinstance(error, E.RemoteEntryNotFoundError):
+        why = f"the repository holds no {_hub_name(subfolder, WEIGHTS_FILE)} and {CONFIG_FILE} at that commit"
+    elif isinstance(error, (ConnectionError, E.LocalEntryNotFoundError)):
+        why = f"it is not in the local cache ({cache}) and the Hub cannot be reached ({error})"
+    else:
+        why = f"downloading failed ({type(error).__name__}: {(str(error).splitlines() or [''])[0]})"
+    return f"model {name}: {why}. Or pass a local checkpoint path."
 
 
 # -- loading and checking ----------------------------------------------------------------------
 def load_model(spec: str | None = None, device: str | torch.device = "cpu",
                offline: bool | None = None) -> tuple[InContextUNet, ResolvedModel]:
-    """Resolve, verify (sha256 when known), build from config.json and load; eval mode on device."""
+    """Resolve, verify (sha256 of weights and config when pinned), check and load; eval mode."""
     resolved = resolve_model(spec, offline)
     _require_files(resolved)
-    if resolved.expected_sha256:
-        _check_checksum(resolved, _memo_sha256(resolved.weights_path))
+    _check_checksums(resolved, memo=True)
+    return _checked_model(resolved).to(device).eval(), resolved
+
+
+def _checked_model(resolved: ResolvedModel) -> InContextUNet:
+    """Build the model only once the config is valid and every weight shape matches it (compared
+    on the meta device, which allocates nothing); refuse NaN/Inf weights."""
     config = _read_config(resolved.config_path)
+    shapes = _file_shapes(resolved.weights_path)
+    with torch.device("meta"):
+        _check_state_matches(InContextUNet(config), shapes, resolved)
     state = _read_state_dict(resolved.weights_path)
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise WeightsError(f"model {resolved.id}: {len(bad)} weight tensor(s) hold NaN or Inf (e.g. "
+                           f"{', '.join(bad[:3])}) in {resolved.weights_path}: the checkpoint is "
+                           "broken; use another one or train again")
     model = InContextUNet(config)
-    _check_state_matches(model, state, resolved)
     model.load_state_dict(state)
-    return model.to(device).eval(), resolved
+    return model
 
 
-def verify_model(model_id: str) -> str:
-    """Recompute the sha256 of a registry model's local file; one-line OK or WeightsError."""
-    resolved = _resolve_entry(find_entry(model_id), offline=True)
+def verify_model(spec: str) -> str:
+    """Check a model fully (checksums when pinned, config, shapes, finite weights); one OK line.
+
+    `spec` is a registry id (its local copy, never downloaded here), a checkpoint path or a
+    cached hf:// model.
+    """
+    resolved = (_resolve_entry(find_entry(spec), offline=True) if not _looks_like_path(spec)
+                and not spec.startswith(HF_PREFIX) else resolve_model(spec, offline=True))
     _require_files(resolved)
+    _check_checksums(resolved, memo=False)
+    _checked_model(resolved)
     actual = file_sha256(resolved.weights_path)
-    _check_checksum(resolved, actual)
     size = resolved.weights_path.stat().st_size
-    return f"{model_id}: OK (sha256 {actual[:12]}, {size} bytes, {resolved.weights_path})"
+    pinned = "pinned sha256 match" if resolved.expected_sha256 else "no pinned checksum"
+    return f"{resolved.id}: OK ({pinned}; weights sha256 {actual[:12]}, {size} bytes, {resolved.weights_path})"
+
+
+def verify_all() -> list[str]:
+    """verify_model for every registry model, in registry order (first failure raises)."""
+    return [verify_model(m["id"]) for m in load_registry()["models"]]
 
 
 def download_model(model_id: str) -> ResolvedModel:
@@ -344,12 +457,12 @@ def download_model(model_id: str) -> ResolvedModel:
     resolved = _resolve_entry(entry, offline=not hub)
     _require_files(resolved)
     try:
-        _check_checksum(resolved, file_sha256(resolved.weights_path))
+        _check_checksums(resolved, memo=False)
     except WeightsError:
         if not hub:
             raise
         resolved = _resolve_entry(entry, offline=False, force=True)
-        _check_checksum(resolved, file_sha256(resolved.weights_path))
+        _check_checksums(resolved, memo=False)
     return resolved
 
 
@@ -368,19 +481,36 @@ def _fix_hint(resolved: ResolvedModel) -> str:
             f"then check with `medgen models verify {resolved.id}`.")
 
 
-def _check_checksum(resolved: ResolvedModel, actual: str) -> None:
-    expected = resolved.expected_sha256
-    if expected and actual != expected.lower():
-        raise WeightsError(f"checksum mismatch for model {resolved.id}: {resolved.weights_path} has "
-                           f"sha256 {actual[:12]}…, expected {expected[:12]}…; the file is corrupt or "
-                           f"was replaced. {_fix_hint(resolved)}")
+def _check_checksums(resolved: ResolvedModel, memo: bool) -> None:
+    """Weights and config.json against the registry's pins (both decide what the model does)."""
+    digest = _memo_sha256 if memo else file_sha256
+    for path, expected in ((resolved.weights_path, resolved.expected_sha256),
+                           (resolved.config_path, resolved.expected_config_sha256)):
+        actual = digest(path) if expected else None
+        if expected and actual != expected.lower():
+            raise WeightsError(f"checksum mismatch for model {resolved.id}: {path} has sha256 "
+                               f"{actual[:12]}…, expected {expected[:12]}…; the file is corrupt or "
+                               f"was replaced. {_fix_hint(resolved)}")
 
 
 def _read_config(path: Path) -> ModelConfig:
     try:
         return ModelConfig.from_file(path)
     except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:
-        raise WeightsError(f"cannot read {path}: {e}. It must be the config.json saved with the weights.") from e
+        raise WeightsError(f"cannot read model config {path}: {e}. It must be the config.json saved "
+                           "with the weights.") from e
+
+
+def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from the safetensors header, without reading the tensors."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise WeightsError(f"cannot read weights {path} (corrupt or truncated): {e}. Download or copy "
+                           "the file again.") from e
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -391,14 +521,14 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                            "the file again.") from e
 
 
-def _check_state_matches(model: InContextUNet, state: dict[str, torch.Tensor],
+def _check_state_matches(model: InContextUNet, shapes: dict[str, tuple[int, ...]],
                          resolved: ResolvedModel) -> None:
     """Name a few bad keys: strict load_state_dict errors list hundreds and hide the cause."""
-    own = model.state_dict()
-    missing = sorted(own.keys() - state.keys())
-    unexpected = sorted(state.keys() - own.keys())
-    mismatched = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-                        for k in own.keys() & state.keys() if state[k].shape != own[k].shape)
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(own.keys() - shapes.keys())
+    unexpected = sorted(shapes.keys() - own.keys())
+    mismatched = sorted(f"{k} {shapes[k]} vs {own[k]}"
+                        for k in own.keys() & shapes.keys() if shapes[k] != own[k])
     problems = [f"{len(keys)} {what} (e.g. {', '.join(keys[:3])})"
                 for what, keys in (("missing", missing), ("unexpected", unexpected),
                                    ("shape-mismatched (file vs config)", mismatched)) if keys]

@@ -28,6 +28,7 @@ def publish(run_dir: Path, model_id: str, title: str, card: str, default: bool =
     entry = {"id": model_id, "title": title,
              "source": {"type": "file", "path": f"Models/{model_id}"},
              "sha256": file_sha256(weights), "size": weights.stat().st_size,
+             "config_sha256": file_sha256(weights.parent / "config.json"),
              "tasks": ["segment", *IMAGE_TASKS], "modalities": list(MODALITIES),
              "license": license, "card": f"Models/{model_id}/MODEL_CARD.md",
              "parameters": count_parameters(model)}
