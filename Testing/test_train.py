@@ -135,3 +135,19 @@ def test_synthesis_starts_from_the_examples_linear_map(shared_data: Path) -> Non
     assert np.mean((start - t2[80]) ** 2) < 0.5 * np.mean((t1[80] - t2[80]) ** 2)
     blank = np.zeros((2, 8, 8), np.float32)
     assert np.array_equal(linear_start(blank, blank)(t1[80]), t1[80])
+
+
+def test_misspelt_ablation_is_refused(tmp_path: Path) -> None:
+    """`psuedo3d: 0` used to train with the task on; unknown names now stop before any data loads."""
+    from medgen.core.errors import InputError
+    from medgen_dev.train.trainer import TrainConfig
+
+    with pytest.raises(InputError, match="unknown task_weights psuedo3d"):
+        TrainConfig(task_weights={"psuedo3d": 0})
+    with pytest.raises(InputError, match="unknown priors neighbor"):
+        TrainConfig(priors={"neighbor": 0})
+    config = tmp_path / "train.json"
+    config.write_text('{"steps": 10, "stpes": 20}')
+    with pytest.raises(InputError, match="unknown training config field.*stpes"):
+        TrainConfig.from_file(config)
+    assert TrainConfig(task_weights={"pseudo3d": 0}).task_weights == {"pseudo3d": 0}

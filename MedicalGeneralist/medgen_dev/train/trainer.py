@@ -28,6 +28,7 @@ from monai.losses import DiceLoss
 from safetensors.torch import load_file, save_file
 
 from medgen.core.config import PRESETS, TASKS, ModelConfig
+from medgen.core.errors import InputError
 from medgen_dev.train.datasets import DEFAULT_DATA, load_cases
 from medgen_dev.train.episodes import EpisodeSampler, collate
 from medgen.nn.model import InContextUNet
@@ -57,6 +58,23 @@ class TrainConfig:
     val_episodes: int = 48
     init: str = ""  # start from these weights (a model.safetensors) unless resuming
 
+    def __post_init__(self) -> None:
+        """A misspelt task or prior (`psuedo3d: 0`) would silently run the ablation with the
+        task on: refuse names the samplers do not know, before any data is read."""
+        from medgen_dev.train.episodes import DEFAULT_TASKS
+        from medgen_dev.train.priors import DEFAULT_PRIORS
+
+        for what, given, known in (("task_weights", self.task_weights, DEFAULT_TASKS),
+                                   ("priors", self.priors, DEFAULT_PRIORS)):
+            unknown = sorted(set(given) - set(known))
+            if unknown:
+                raise InputError(f"training config: unknown {what} {', '.join(unknown)}: use "
+                                 f"{', '.join(known)}")
+            if any(not isinstance(v, (int, float)) or v < 0 for v in given.values()):
+                raise InputError(f"training config: {what} must be numbers >= 0, got {given}")
+        if self.preset not in PRESETS:
+            raise InputError(f"training config: unknown preset {self.preset!r}: use {', '.join(PRESETS)}")
+
     @classmethod
     def from_file(cls, path: str | Path) -> "TrainConfig":
         text = Path(path).read_text()
@@ -65,6 +83,12 @@ class TrainConfig:
             data = yaml.safe_load(text)
         else:
             data = json.loads(text)
+        if not isinstance(data, dict):
+            raise InputError(f"{path}: a training config is a mapping of fields, got {type(data).__name__}")
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise InputError(f"{path}: unknown training config field(s) {', '.join(unknown)}: see "
+                             "TrainConfig in medgen_dev/train/trainer.py")
         return cls(**data)
 
     def model_config(self) -> ModelConfig:
