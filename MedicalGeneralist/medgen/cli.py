@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="segmentation: march from the image's own labelled slices (propagate), each "
                         "slice alone (independent), or auto: propagate when some example is a slice "
                         "of the image, else independent")
+    r.add_argument("--method", default="auto",
+                   help="auto (default: a self-check on the examples picks the best method per label or "
+                        "task), model, or a classical method: fill, registration, nearest (segmentation), "
+                        "nl-means, tv (denoise), linear, histogram (synthesize), biharmonic (inpaint)")
+    r.add_argument("--report", default=None, metavar="PATH",
+                   help="write the self-check's report (chosen method, leave-one-out estimates) as JSON here")
     r.add_argument("--threads", type=_whole(1, 4096), default=None, help="CPU threads (default: all cores)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     m = sub.add_parser("models", help="list, verify or download models")

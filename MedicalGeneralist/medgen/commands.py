@@ -16,7 +16,8 @@ from medgen.core.errors import InputError
 from medgen.prompts import examples_from_files, inpaint_self_examples, parse_slices
 from medgen.io.images import check_writable, read_volume, same_file, write_volume
 from medgen.core.intensity import guess_modality
-from medgen.infer.pipeline import RunOptions, run, segment_mode
+from medgen.infer.pipeline import RunOptions, run_with_report, segment_mode
+from medgen.infer.selfcheck import check_method
 from medgen.infer.segment import SegmentSettings
 from medgen.core.volume import parse_axis
 from medgen.io.weights import download_model, list_models, load_model, verify_all, verify_model
@@ -25,6 +26,8 @@ from medgen.io.weights import download_model, list_models, load_model, verify_al
 def run_command(args: argparse.Namespace) -> int:
     out = check_writable(args.out)
     _check_not_an_input(out, args)
+    report_path = _check_report(args.report) if getattr(args, "report", None) else None
+    method = getattr(args, "method", "auto")
     resolve_device(args.device)
     image = read_volume(args.image)
     if out.suffix.lower() == ".png" and image.shape[0] > 1:
@@ -46,22 +49,28 @@ def run_command(args: argparse.Namespace) -> int:
             raise InputError("inpaint needs --mask with the image's shape")
         examples = inpaint_self_examples(image, mask, axis, modality)
     mode = segment_mode(args.mode, image, examples) if args.task == "segment" else None
+    check_method(args.task, method)
     model, info = load_model(args.model, device="cpu")
     options = RunOptions(args.task, axis, modality, args.device, args.threads, args.seed,
-                         args.adapt_steps, segment=SegmentSettings(mode=mode or "auto"))
+                         args.adapt_steps, segment=SegmentSettings(mode=mode or "auto"), method=method)
     if not args.quiet:
         how = f", {mode}" if mode else ""
         print(f"medgen: {args.task} with {len(examples)} example(s){how}, model {info.id}, "
               f"modality {modality}, axis {axis}", file=sys.stderr)
     with _progress_bar(args.quiet) as progress:
-        result = run(model, image, examples, options, mask=mask, progress=_stop_on_interrupt(progress))
+        result = run_with_report(model, image, examples, options, mask=mask,
+                                 progress=_stop_on_interrupt(progress))
     if result is None:
         print("medgen: cancelled; nothing was written", file=sys.stderr)
         return 1
     _stop_on_interrupt(lambda f, m: None)(1.0, "")  # a swallowed Ctrl-C: never write after it
-    write_volume(result, out)
+    write_volume(result.volume, out)
+    for line in result.report.lines():  # the self-check: chosen method and estimates per label/task
+        print(line)
+    if report_path is not None:
+        result.report.write_json(report_path)
     if not args.quiet:
-        print(f"medgen: wrote {out}", file=sys.stderr)
+        print(f"medgen: wrote {out}" + (f" and {report_path}" if report_path else ""), file=sys.stderr)
     return 0
 
 
@@ -85,6 +94,16 @@ def _stop_on_interrupt(progress):
             raise KeyboardInterrupt
         progress(fraction, message)
     return update
+
+
+def _check_report(path: str) -> Path:
+    """The report sidecar is JSON and its folder must exist (checked before any work)."""
+    path = Path(path)
+    if path.suffix.lower() != ".json":
+        raise InputError(f"{path}: the report is JSON: give a path ending in .json")
+    if not path.parent.exists() and path.parent != Path(""):
+        raise InputError(f"{path}: report folder {path.parent} does not exist")
+    return path
 
 
 class _progress_bar:

@@ -1,17 +1,163 @@
-"""Classical answers that need no model, used where a user would compare against them.
+"""Classical answers that need no model: the self-check's candidates and the bench's baselines.
 
-Kept beside the model's inference because the demo prints them next to the model's figures and a
-run may fall back to them; the benchmark's baselines import them from here so that both score
-the very same method.
+One copy of each method, used by the run's self-check (`selfcheck.py`, which may pick one of them
+over the model for a structure or task) and by `medgen bench` (whose baselines import them from
+here), so the method the runtime chooses is the very method the benchmark scored. Every method is
+library code (SimpleITK, scikit-image, ITK through `interpolate.py`); this module only feeds it.
+SimpleITK and scikit-image are imported inside the functions: importing this module stays cheap
+(`medgen run --help` loads neither).
+
+Propagation methods take slices-first arrays (slice axis 0) and labelled slice indices.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
+NLM_FACTORS = (0.4, 0.6, 0.8, 1.0, 1.2)  # NL-means h in units of the noise sigma
+TV_WEIGHTS = (0.02, 0.05, 0.1, 0.2)  # total-variation weights (normalised intensities)
 
+
+# -- propagation -----------------------------------------------------------------------------------
 def nearest_copy(labels: np.ndarray, given: list[int]) -> np.ndarray:
     """Every slice (axis 0) takes the labels of the nearest labelled slice in `given`."""
     idx = np.asarray(given)
     nearest = idx[np.argmin(np.abs(np.arange(labels.shape[0])[:, None] - idx[None]), axis=1)]
     return labels[nearest]
+
+
+def registration_propagate(slices: np.ndarray, given: dict[int, np.ndarray],
+                           spacing: tuple[float, float], iterations: int = 40,
+                           parts: tuple[str, ...] = ("between", "beyond")) -> np.ndarray:
+    """Slice-to-slice deformable registration (SimpleITK fast symmetric forces demons) carries each
+    labelled slice's mask outward, slice by slice; between two labelled slices both directions run
+    and are blended linearly by distance. Open ends stop when the carried mask vanishes.
+    Registration runs on a box around the labels with a margin (whole 512^2 CT slices would only
+    add background to match). `slices` should be normalised (the demons force assumes it).
+    `parts` limits the work to the chains between the labelled slices and/or beyond them (the
+    self-check may use registration for one of the two only)."""
+    import SimpleITK as sitk
+
+    n = slices.shape[0]
+    box = _label_box(list(given.values()), slices.shape[1:])
+    crops = slices[:, box[0], box[1]].astype(np.float32)
+    acc = np.zeros(crops.shape, np.float32)
+    wsum = np.zeros(n, np.float32)
+    idx = sorted(given)
+    demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
+    demons.SetNumberOfIterations(iterations)
+    demons.SetStandardDeviations(1.5)
+    for origin, step, end, span in _chains(idx, n):
+        if ("beyond" if span is None else "between") not in parts:
+            continue
+        mask = given[origin][box[0], box[1]].astype(np.float32)
+        for s in range(origin + step, end, step):
+            mask = (_warp(demons, crops[s], crops[s - step], mask, spacing) >= 0.5).astype(np.float32)
+            w = 1.0 if span is None else max(1e-3, 1 - abs(s - origin) / span)
+            acc[s] += w * mask
+            wsum[s] += w
+            if span is None and mask.max() < 0.5:
+                break
+    out = np.zeros(slices.shape, bool)
+    out[:, box[0], box[1]] = acc / np.maximum(wsum, 1e-6)[:, None, None] >= 0.5
+    for s, m in given.items():
+        out[s] = m > 0
+    return out
+
+
+def _chains(idx: list[int], n: int) -> list[tuple[int, int, int, int | None]]:
+    """(origin, step, end exclusive, span for blending or None for an open end)."""
+    chains = [(idx[0], -1, -1, None), (idx[-1], 1, n, None)]
+    for a, b in zip(idx[:-1], idx[1:]):
+        chains += [(a, 1, b, b - a), (b, -1, a, b - a)]
+    return chains
+
+
+def _label_box(masks: list[np.ndarray], shape: tuple[int, int], margin: float = 0.5,
+               pad: int = 16) -> tuple[slice, slice]:
+    union = np.any(np.stack(masks), axis=0)
+    out = []
+    for ax in (0, 1):
+        idx = np.nonzero(union.any(1 - ax))[0]
+        extra = int((idx[-1] - idx[0] + 1) * margin) + pad
+        out.append(slice(max(int(idx[0]) - extra, 0), min(int(idx[-1]) + 1 + extra, shape[ax])))
+    return out[0], out[1]
+
+
+def _warp(demons, fixed: np.ndarray, moving: np.ndarray, mask: np.ndarray,
+          spacing: tuple[float, float]) -> np.ndarray:
+    """Register `moving` (the previous slice) onto `fixed` and carry its mask across."""
+    import SimpleITK as sitk
+
+    f, m, lab = (sitk2d(a, spacing) for a in (fixed, moving, mask))
+    field = demons.Execute(f, m)
+    transform = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+    return sitk.GetArrayFromImage(sitk.Resample(lab, f, transform, sitk.sitkLinear, 0.0))
+
+
+def sitk2d(array: np.ndarray, spacing: tuple[float, float]):
+    """A 2D SimpleITK image of a numpy slice (rows, cols) with its pixel spacing."""
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32))
+    image.SetSpacing((float(spacing[1]), float(spacing[0])))
+    return image
+
+
+# -- denoising ---------------------------------------------------------------------------------------
+def nl_means(noisy: np.ndarray, h: float, sigma: float) -> np.ndarray:
+    """scikit-image non-local means (fast mode, 5x5 patches, 13x13 search) on a normalised slice."""
+    from skimage.restoration import denoise_nl_means
+
+    return denoise_nl_means(noisy, h=h * sigma, sigma=sigma, patch_size=5, patch_distance=6,
+                            fast_mode=True, preserve_range=True)
+
+
+def noise_sigma(noisy: list[np.ndarray], clean: list[np.ndarray]) -> float:
+    """The noise level the example pairs show (std of noisy - clean): what NL-means needs to know."""
+    return float(np.std(np.concatenate([(x - y).ravel() for x, y in zip(noisy, clean)])))
+
+
+def tv(noisy: np.ndarray, weight: float) -> np.ndarray:
+    """scikit-image total-variation (Chambolle) denoising on a normalised slice."""
+    from skimage.restoration import denoise_tv_chambolle
+
+    return denoise_tv_chambolle(noisy, weight=weight)
+
+
+def pick_parameter(fn: Callable[[np.ndarray, float], np.ndarray], grid, noisy: list[np.ndarray],
+                   clean: list[np.ndarray]) -> float:
+    """The grid value with the lowest error on the example pairs (the model's context)."""
+    err = [np.mean([np.mean((fn(x, p) - y) ** 2) for x, y in zip(noisy, clean)]) for p in grid]
+    return float(grid[int(np.argmin(err))])
+
+
+# -- inpainting and synthesis ------------------------------------------------------------------------
+def biharmonic(image: np.ndarray, hole: np.ndarray, pad: int = 12) -> np.ndarray:
+    """scikit-image biharmonic inpainting, solved on a box around the hole (same answer inside
+    the hole as the whole slice, a fraction of the sparse solve)."""
+    from skimage.restoration import inpaint_biharmonic
+
+    rows, cols = np.nonzero(hole.any(1))[0], np.nonzero(hole.any(0))[0]
+    if rows.size == 0:
+        return image.astype(np.float32).copy()
+    r = slice(max(rows[0] - pad, 0), min(rows[-1] + 1 + pad, image.shape[0]))
+    c = slice(max(cols[0] - pad, 0), min(cols[-1] + 1 + pad, image.shape[1]))
+    out = image.astype(np.float32).copy()
+    out[r, c] = inpaint_biharmonic(out[r, c], hole[r, c])
+    return out
+
+
+def histogram_match(source: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """scikit-image histogram matching of the input contrast's values to the example targets'."""
+    from skimage.exposure import match_histograms
+
+    return match_histograms(source, reference)
+
+
+def linear_map(x_examples: np.ndarray, y_examples: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Least-squares line from input to target intensities, fitted on the example pairs."""
+    a, b = np.polyfit(x_examples.astype(np.float64), y_examples.astype(np.float64), 1)
+    return (a * x + b).astype(np.float32)

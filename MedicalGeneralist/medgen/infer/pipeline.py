@@ -17,7 +17,9 @@ from medgen.core.device import free_bytes, resolve_device, set_threads
 from medgen.core.errors import Cancelled, InputError
 from medgen.prompts import Example, check_examples, example_labels
 from medgen.core.grid import box_around, full_box, to_grid
+from medgen.infer import selfcheck
 from medgen.infer.imagetasks import example_grids, run_image_task
+from medgen.infer.selfcheck import SelfCheckReport
 from medgen.core.intensity import fit_normalizer
 from medgen.nn.model import InContextUNet
 from medgen.infer.predictor import Predictor
@@ -38,17 +40,40 @@ class RunOptions:
     adapt_steps: int = 0
     adapt_seconds: float = 0.0
     segment: SegmentSettings = field(default_factory=SegmentSettings)
+    method: str = "auto"  # "auto" (the self-check picks per label/task) or a method of selfcheck.methods
+
+
+@dataclass
+class RunResult:
+    """The output volume and the self-check's report (method chosen, leave-one-out estimates)."""
+
+    volume: Volume
+    report: SelfCheckReport
 
 
 def run(model: InContextUNet, image: Volume, examples: list[Example], options: RunOptions,
         mask: Volume | None = None, progress: Progress | None = None,
         cancel: Callable[[], bool] | None = None) -> Volume | None:
-    """Do the task the examples show on every slice of `image`; None when cancelled."""
+    """Do the task the examples show on every slice of `image`; None when cancelled.
+
+    The volume of `run_with_report`, for callers that only want the volume."""
+    result = run_with_report(model, image, examples, options, mask, progress, cancel)
+    return None if result is None else result.volume
+
+
+def run_with_report(model: InContextUNet, image: Volume, examples: list[Example], options: RunOptions,
+                    mask: Volume | None = None, progress: Progress | None = None,
+                    cancel: Callable[[], bool] | None = None) -> RunResult | None:
+    """The output by `options.method` ("auto": the method the self-check on the examples scores
+    best, selfcheck.py) and the report of that choice; None when cancelled."""
     progress = progress or (lambda f, m: None)
     task = options.task
     task_index(task)
     check_examples(examples, task)
     _check_shapes(image, examples, options.axis)
+    selfcheck.check_method(task, options.method)
+    if task == "inpaint":
+        _check_mask(image, mask)
     device = resolve_device(options.device)
     # Seeds and thread counts are process-wide: set them for this run only and give them back,
     # so a host process (Slicer, a notebook, a batch) keeps its own.
@@ -58,8 +83,15 @@ def run(model: InContextUNet, image: Volume, examples: list[Example], options: R
         set_threads(options.threads)
         try:
             if task == "segment":
-                return image.with_array(_segment(model, device, image, examples, options, progress, cancel))
-            return image.with_array(_image_task(model, device, image, examples, options, mask, progress, cancel))
+                mode = segment_mode(options.segment.mode, image, examples)
+                answer = lambda p: _segment(model, device, image, examples, options, p, cancel)
+                array, report = selfcheck.run_segmentation(model, device, image, examples, options, mode,
+                                                           answer, progress, cancel)
+            else:
+                answer = lambda p: _image_task(model, device, image, examples, options, mask, p, cancel)
+                array, report = selfcheck.run_image_task(model, device, image, examples, options, mask,
+                                                         answer, progress, cancel)
+            return RunResult(image.with_array(array), report)
         except Cancelled:
             return None
         finally:
@@ -96,6 +128,15 @@ def _check_shapes(image: Volume, examples: list[Example], axis: int) -> None:
             raise InputError(f"an example's image {e.image.shape} and target {e.target.shape} differ in size")
     if not 0 <= axis < 3:
         raise InputError(f"axis {axis} is out of range: use 0, 1 or 2")
+
+
+def _check_mask(image: Volume, mask: Volume | None) -> None:
+    if mask is None:
+        raise InputError("inpainting needs a mask: a volume or image marking the region to fill")
+    if mask.shape != image.shape:
+        raise InputError(f"the mask's shape {mask.shape} differs from the image's {image.shape}")
+    if not np.any(mask.array):
+        raise InputError("the inpainting mask is empty: mark the region to fill with non-zero voxels")
 
 
 def _segment(model, device, image, examples, options, progress, cancel) -> np.ndarray:
@@ -159,15 +200,7 @@ def _image_task(model, device, image, examples, options, mask, progress, cancel)
     slices = slice_view(image.array, options.axis).astype(np.float32)
     in_norm = fit_normalizer(image.array, options.modality)
     out_norm = in_norm if options.task != "synthesize" else examples[0].target_norm
-    holes = None
-    if options.task == "inpaint":
-        if mask is None:
-            raise InputError("inpainting needs a mask: a volume or image marking the region to fill")
-        if mask.shape != image.shape:
-            raise InputError(f"the mask's shape {mask.shape} differs from the image's {image.shape}")
-        holes = slice_view(mask.array != 0, options.axis)
-        if not holes.any():
-            raise InputError("the inpainting mask is empty: mark the region to fill with non-zero voxels")
+    holes = slice_view(mask.array != 0, options.axis) if options.task == "inpaint" else None
     predictor = Predictor(_adapted(model, device, examples, options, False, cancel), device, cancel)
     out = run_image_task(predictor, slices, examples, task_index(options.task),
                          modality_index(options.modality), in_norm, out_norm, holes, progress)
@@ -175,4 +208,4 @@ def _image_task(model, device, image, examples, options, mask, progress, cancel)
     return np.ascontiguousarray(np.moveaxis(out, 0, options.axis))
 
 
-__all__ = ["run", "RunOptions", "SegmentSettings", "IMAGE_TASKS"]
+__all__ = ["run", "run_with_report", "RunResult", "RunOptions", "SegmentSettings", "IMAGE_TASKS"]

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 
 from medgen_dev.bench.baselines import CROSS_BASELINES, PROPAGATION_BASELINES
+
+SELF = ("ours", "auto")  # the model and the self-check's choice: not baselines
 from medgen_dev.bench.data import REPO_ROOT, BenchConfig
 
 HEADER = """# Benchmarks
@@ -204,6 +206,7 @@ def write_report(results: dict, pictures: dict, out: Path) -> Path:
     figs.mkdir(parents=True, exist_ok=True)
     if "propagation" in results:
         results["propagation"]["summary"] = propagation_summary(results["propagation"]["rows"])
+        results["propagation"]["calibration"] = calibration(results["propagation"]["rows"])
     if "cross_subject" in results:
         results["cross_subject"]["summary"] = cross_summary(results["cross_subject"]["rows"])
     (figs / "results.json").write_text(json.dumps(results, indent=1, default=_json_default) + "\n")
@@ -295,27 +298,30 @@ def _fmt(v: float | None, digits: int = 3) -> str:
 
 def main_table(results: dict) -> list[str]:
     """One row per benchmark group: ours, the best baseline, the difference, all baselines."""
-    lines = ["| benchmark | data (n) | seen in training | metric | ours | best baseline | ours − best | all baselines |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| benchmark | data (n) | seen in training | metric | ours | best baseline | ours − best | all baselines "
+             "| auto (self-check) | auto − best single |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results.get("propagation", {}).get("summary", []):
         if r["method"] != "ours":
             continue
-        others = [o for o in results["propagation"]["summary"]
-                  if o["seen"] == r["seen"] and o["k"] == r["k"] and o["method"] != "ours"]
+        group = {o["method"]: o["dice"] for o in results["propagation"]["summary"]
+                 if o["seen"] == r["seen"] and o["k"] == r["k"]}
         lines.append(_main_row(f"propagation, k={r['k']} labelled slices", _structures(r), r["seen"],
-                               "Dice", r["dice"], [(o["method"], o["dice"]) for o in others]))
+                               "Dice", r["dice"], [(m, v) for m, v in group.items() if m not in SELF],
+                               auto=group.get("auto")))
     for r in results.get("cross_subject", {}).get("summary", []):
         if r["method"] != "ours":
             continue
         others = [o for o in results["cross_subject"]["summary"]
-                  if o["set"] == r["set"] and o["k"] == r["k"] and o["method"] != "ours"]
+                  if o["set"] == r["set"] and o["k"] == r["k"] and o["method"] not in SELF]
         lines.append(_main_row(f"cross-subject 2D, k={r['k']} examples", f"{r['set']} ({r['n']} queries)",
                                f"queries {r['seen_queries']}, examples {r['seen_examples']}", "Dice",
                                r["dice"], [(o["method"], o["dice"]) for o in others]))
     for r in results.get("image_tasks", {}).get("rows", []):
-        others = [(m, v["psnr"]) for m, v in r["methods"].items() if m not in ("ours", "noisy input")]
+        others = [(m, v["psnr"]) for m, v in r["methods"].items() if m not in SELF + ("noisy input",)]
+        auto = r["methods"].get("auto", {}).get("psnr")
         lines.append(_main_row(r["task"], r["case"], r["seen"], "PSNR dB", r["methods"]["ours"]["psnr"],
-                               others, digits=2))
+                               others, digits=2, auto=auto))
     return lines
 
 
@@ -405,15 +411,18 @@ def _structures(r: dict) -> str:
 
 
 def _main_row(bench: str, data: str, seen: str, metric: str, ours: float,
-              others: list[tuple[str, float]], digits: int = 3) -> str:
+              others: list[tuple[str, float]], digits: int = 3, auto: float | None = None) -> str:
     best_name, best = max(others, key=lambda o: o[1])
     every = " · ".join(f"{n} {v:.{digits}f}" for n, v in others)
+    single = max(best, ours)
+    tail = "– | – |" if auto is None else f"{auto:.{digits}f} | {auto - single:+.{digits}f} |"
     return (f"| {bench} | {data} | {seen} | {metric} | **{ours:.{digits}f}** | {best:.{digits}f} ({best_name}) "
-            f"| {ours - best:+.{digits}f} | {every} |")
+            f"| {ours - best:+.{digits}f} | {every} | {tail}")
 
 
 def _propagation_section(p: dict, images: dict) -> list[str]:
-    methods = ["ours", *PROPAGATION_BASELINES]
+    scored = [r for r in p["rows"] if "methods" in r]
+    methods = ["ours", *(["auto"] if scored and "auto" in scored[0]["methods"] else []), *PROPAGATION_BASELINES]
     lines = ["## 1. In-volume propagation", "",
              "Mean over structures; cells are Dice / HD95 (mm) / Dice between the outermost given slices.", "",
              "| seen | k | n | " + " | ".join(methods) + " |", "|---|---|---|" + "---|" * len(methods)]
@@ -437,7 +446,62 @@ def _propagation_section(p: dict, images: dict) -> list[str]:
                      f"{','.join(map(str, r['given']))} | " + " | ".join(cells) + " |")
     if "propagation_montage" in images:
         lines += ["", f"![best and worst propagation]({images['propagation_montage']})", ""]
-    return lines + [""]
+    return lines + [""] + self_check_section(p["rows"])
+
+
+def self_check_section(rows: list[dict]) -> list[str]:
+    """Auto against every single method, the estimate's calibration and the self-check's cost."""
+    rows = [r for r in rows if "methods" in r and "auto" in r]
+    if not rows:
+        return []
+    singles = [m for m in rows[0]["methods"] if m != "auto"]
+    lines = ["### Self-check: auto against the best single method", "",
+             "`auto` (the default method) hides labelled slices in turn, scores the model, fill between "
+             "slices, registration and nearest copy on them, and runs the best (between and beyond "
+             "the labelled slices separately; `medgen/infer/selfcheck.py`). Dice of the slices not given.", "",
+             "| seen | k | n | auto | best single on the mean | auto − best | worst row: auto − best on that row |",
+             "|---|---|---|---|---|---|---|"]
+    for seen, k in dict.fromkeys((r["seen"], r["k"]) for r in rows):
+        group = [r for r in rows if r["seen"] == seen and r["k"] == k]
+        mean = {m: float(np.mean([r["methods"][m]["dice"] for r in group])) for m in singles + ["auto"]}
+        best = max(singles, key=mean.get)
+        worst = min(group, key=lambda r: r["methods"]["auto"]["dice"] - max(r["methods"][m]["dice"] for m in singles))
+        gap = worst["methods"]["auto"]["dice"] - max(worst["methods"][m]["dice"] for m in singles)
+        lines.append(f"| {seen} | {k} | {len(group)} | {mean['auto']:.3f} | {mean[best]:.3f} ({best}) | "
+                     f"{mean['auto'] - mean[best]:+.3f} | {gap:+.3f} ({worst['structure']}) |")
+    lines += ["", "Per row: the method auto chose, its leave-one-out estimate and the Dice it got "
+              "(k = 1 has nothing to hold out: no estimate, the bench's k = 1 rule picks the model).", "",
+              "| structure | seen | k | chosen | estimated Dice | actual Dice | candidates (leave-one-out Dice) "
+              "| run s (model) | run s (auto) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        a = r["auto"]
+        cands = " · ".join(f"{m} {v:.2f}" for m, v in a["candidates"].items()) or "–"
+        lines.append(f"| {r['structure']} | {r['seen']} | {r['k']} | {a['chosen']} | {_fmt(a['estimate'], 2)} | "
+                     f"{r['methods']['auto']['dice']:.3f} | {cands} | {r['seconds_ours']:.1f} | {a['seconds']:.1f} |")
+    cal = calibration(rows)
+    lines += ["", "### Calibration: estimated against actual Dice", ""]
+    if cal["n"]:
+        lines += ["| rows with an estimate | mean absolute error | mean (estimate − actual) | Pearson r |",
+                  "|---|---|---|---|",
+                  f"| {cal['n']} | {cal['mae']:.3f} | {cal['bias']:+.3f} | {_fmt(cal['r'], 2)} |", ""]
+    else:
+        lines += ["No row had k ≥ 2 labelled slices: nothing to calibrate.", ""]
+    ratio = [r["auto"]["seconds"] / max(r["seconds_ours"], 1e-6) for r in rows]
+    lines += [f"Cost: auto took {np.median(ratio):.1f}x the model-only run's time (median over rows; "
+              f"range {min(ratio):.1f}x–{max(ratio):.1f}x; the model-only time counts its own run, auto's counts "
+              "the self-check and the chosen methods' run).", ""]
+    return lines
+
+
+def calibration(rows: list[dict]) -> dict:
+    """Estimated (leave-one-out) against actual Dice of auto over the rows that have an estimate."""
+    pairs = [(r["auto"]["estimate"], r["methods"]["auto"]["dice"]) for r in rows
+             if r.get("auto", {}).get("estimate") is not None]
+    if not pairs:
+        return {"n": 0}
+    est, act = np.array(pairs).T
+    r = float(np.corrcoef(est, act)[0, 1]) if len(pairs) > 2 and est.std() > 0 and act.std() > 0 else None
+    return {"n": len(pairs), "mae": float(np.mean(np.abs(est - act))), "bias": float(np.mean(est - act)), "r": r}
 
 
 def _cross_section(c: dict, images: dict) -> list[str]:

@@ -16,6 +16,7 @@ import argparse
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -167,11 +168,13 @@ def _propagate_one(model, s: Structure, image: Volume, label: Volume, axis: int,
     spacing = (tuple(reversed(image.spacing))[axis],) + image.slice_spacing(axis)
     t = time.perf_counter()
     examples = pairs_from_volumes(image, label, axis, given, "segment", s.modality, own=True)
-    ours = np.moveaxis(run(model, image, examples, RunOptions("segment", axis, s.modality, device)).array,
-                       axis, 0) > 0
+    ours = np.moveaxis(run(model, image, examples, RunOptions("segment", axis, s.modality, device,
+                                                              method="model")).array, axis, 0) > 0
     seconds = time.perf_counter() - t
+    auto, check = _auto(model, image, examples, RunOptions("segment", axis, s.modality, device))
     norm = fit_normalizer(image.array, s.modality, clip=True)
-    preds = {"ours": ours, bl.PROPAGATION_BASELINES[0]: bl.copy_nearest(truth, given),
+    preds = {"ours": ours, "auto": np.moveaxis(auto, axis, 0) > 0,
+             bl.PROPAGATION_BASELINES[0]: bl.copy_nearest(truth, given),
              bl.PROPAGATION_BASELINES[1]: bl.fill_between_slices(truth, given),
              bl.PROPAGATION_BASELINES[2]: bl.registration_propagate(
                  norm(slices), {g: truth[g] for g in given}, image.slice_spacing(axis))}
@@ -184,8 +187,22 @@ def _propagate_one(model, s: Structure, image: Volume, label: Volume, axis: int,
             methods[name]["dice_between"] = seg_scores(pred[between], truth[between], with_hd95=False)["dice"]
     row = {"structure": s.name, "k": len(given), "given": given, "seen": s.seen, "modality": s.modality,
            "labels_by": s.labels_by, "shape": list(image.shape), "axis": axis, "scored_slices": len(rest),
-           "slices_between": len(between), "seconds_ours": seconds, "methods": methods}
+           "slices_between": len(between), "seconds_ours": seconds, "methods": methods, "auto": check}
     return row, _showcase(slices, truth, preds, rest)
+
+
+def _auto(model, image: Volume, examples: list, options, mask: Volume | None = None) -> tuple[np.ndarray, dict]:
+    """The run as users get it by default (method auto): its output and its self-check, timed."""
+    from medgen.infer.pipeline import run_with_report
+
+    t = time.perf_counter()
+    result = run_with_report(model, image, examples, options, mask=mask)
+    report = result.report.to_dict()
+    first = report["estimates"][0]
+    return result.volume.array, {"chosen": first["chosen"], "estimate": first["estimate"],
+                                 "candidates": first["candidates"], "note": first["note"],
+                                 "seconds": time.perf_counter() - t,
+                                 "check_seconds": report["check_seconds"], "run_seconds": report["run_seconds"]}
 
 
 def _showcase(slices: np.ndarray, truth: np.ndarray, preds: dict, rest: np.ndarray) -> dict:
@@ -243,7 +260,7 @@ def _cross_one(model, ps: PairSet, query: tuple[Volume, np.ndarray], examples: l
         for img, msk in examples[:k]:
             ex += pairs_from_volumes(img, img.with_array(msk.astype(np.uint8)), 0, None, "segment",
                                      ps.modality, own=False)
-        ours = run(model, image, ex, RunOptions("segment", 0, ps.modality, device)).array > 0
+        ours = run(model, image, ex, RunOptions("segment", 0, ps.modality, device, method="model")).array > 0
         preds[k] = {"ours": ours[0], bl.CROSS_BASELINES[0]: bl.mean_of_masks([m[0] for _, m in examples[:k]], q2d.shape),
                     bl.CROSS_BASELINES[1]: bl.majority_vote(warped[:k])}
         for name, pred in preds[k].items():
@@ -315,17 +332,19 @@ def _denoise(model, case: ImageCase, cfg: BenchConfig, device: str) -> tuple[dic
     ex, ev = _split_slices(region, cfg.image_examples, cfg.eval_slices)
     noisy_vol = _stack(image, noisy, axis)
     examples = pairs_from_volumes(noisy_vol, image, axis, ex, "denoise", case.modality, own=False)
-    ours = run(model, _stack(image, noisy[ev], axis), examples, RunOptions("denoise", axis, case.modality, device))
+    query, options = _stack(image, noisy[ev], axis), RunOptions("denoise", axis, case.modality, device)
+    ours = run(model, query, examples, replace(options, method="model"))
+    auto, check = _auto(model, query, examples, options)
     n = fit_normalizer(noisy_vol.array, case.modality)  # the baselines see the same scaling
     xs, ys = [n(noisy[i]) for i in ex], [n(clean[i]) for i in ex]
     sigma = bl.noise_sigma(xs, ys)
     nlm = lambda x, h: bl.nl_means(x, h, sigma)
     h = bl.pick_parameter(nlm, bl.NLM_FACTORS, xs, ys)
     w = bl.pick_parameter(bl.tv, bl.TV_WEIGHTS, xs, ys)
-    preds = {"ours": np.moveaxis(ours.array, axis, 0), "noisy input": noisy[ev],
+    preds = {"ours": np.moveaxis(ours.array, axis, 0), "auto": np.moveaxis(auto, axis, 0), "noisy input": noisy[ev],
              f"NL-means (h={h:g} sigma)": np.stack([n.inverse(nlm(n(noisy[i]), h)) for i in ev]),
              f"TV Chambolle (w={w:g})": np.stack([n.inverse(bl.tv(n(noisy[i]), w)) for i in ev])}
-    return _score(preds, clean[ev], region[ev], ex, ev, {"noise_level": case.noise})
+    return _score(preds, clean[ev], region[ev], ex, ev, {"noise_level": case.noise, "auto": check})
 
 
 def _inpaint(model, case: ImageCase, cfg: BenchConfig, device: str) -> tuple[dict, dict]:
@@ -338,11 +357,13 @@ def _inpaint(model, case: ImageCase, cfg: BenchConfig, device: str) -> tuple[dic
     _, ev = _split_slices(hole, 0, cfg.eval_slices, gap=0)
     examples = inpaint_self_examples(_stack(image, holed, axis), _stack(image, hole.astype(np.uint8), axis),
                                      axis, case.modality)
-    ours = run(model, _stack(image, holed[ev], axis), examples, RunOptions("inpaint", axis, case.modality, device),
-               mask=_stack(image, hole[ev].astype(np.uint8), axis))
-    preds = {"ours": np.moveaxis(ours.array, axis, 0),
+    query, options = _stack(image, holed[ev], axis), RunOptions("inpaint", axis, case.modality, device)
+    holes = _stack(image, hole[ev].astype(np.uint8), axis)
+    ours = run(model, query, examples, replace(options, method="model"), mask=holes)
+    auto, check = _auto(model, query, examples, options, mask=holes)
+    preds = {"ours": np.moveaxis(ours.array, axis, 0), "auto": np.moveaxis(auto, axis, 0),
              "biharmonic (scikit-image)": np.stack([bl.biharmonic(holed[i], hole[i]) for i in ev])}
-    return _score(preds, clean[ev], hole[ev], [], ev, {"hole_voxels": int(hole.sum())})
+    return _score(preds, clean[ev], hole[ev], [], ev, {"hole_voxels": int(hole.sum()), "auto": check})
 
 
 def _synthesize(model, case: ImageCase, cfg: BenchConfig, device: str) -> tuple[dict, dict]:
@@ -357,13 +378,15 @@ def _synthesize(model, case: ImageCase, cfg: BenchConfig, device: str) -> tuple[
     region = _region(src, case) | _region(dst, case)
     ex, ev = _split_slices(region, cfg.image_examples, cfg.eval_slices)
     examples = pairs_from_volumes(image, target, axis, ex, "synthesize", case.modality, own=False)
-    ours = run(model, _stack(image, src[ev], axis), examples, RunOptions("synthesize", axis, case.modality, device))
+    query, options = _stack(image, src[ev], axis), RunOptions("synthesize", axis, case.modality, device)
+    ours = run(model, query, examples, replace(options, method="model"))
+    auto, check = _auto(model, query, examples, options)
     x_ex, y_ex = src[ex][region[ex]], dst[ex][region[ex]]
     fill = lambda values: np.where(region[ev], 0, dst[ev].min()).astype(np.float32) + _scatter(region[ev], values)
-    preds = {"ours": np.moveaxis(ours.array, axis, 0),
+    preds = {"ours": np.moveaxis(ours.array, axis, 0), "auto": np.moveaxis(auto, axis, 0),
              "histogram matching": fill(bl.histogram_match(src[ev][region[ev]], y_ex)),
              "linear intensity map": fill(bl.linear_map(x_ex, y_ex, src[ev][region[ev]]))}
-    return _score(preds, dst[ev], region[ev], ex, ev, {"target": case.target.name})
+    return _score(preds, dst[ev], region[ev], ex, ev, {"target": case.target.name, "auto": check})
 
 
 def _scatter(region: np.ndarray, values: np.ndarray) -> np.ndarray:

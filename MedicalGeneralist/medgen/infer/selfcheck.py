@@ -1,0 +1,513 @@
+"""Self-check on the user's own examples: pick the best method per structure or task, and say how
+good the result should be.
+
+The examples are ground truth the user already gave. With k >= 2 of them, each candidate method
+is run with one example hidden and scored on it (leave-one-out); the best candidate on the hidden
+examples does the run, and its leave-one-out score is the run's estimate. No peer (UniverSeg,
+MultiverSeg, nnInteractive, SAM2-style propagation) returns any estimate of its own quality.
+
+Propagation (examples are labelled slices of the volume) — hiding a slice must simulate the
+user's geometry, which has two different jobs:
+- *between* labelled slices (interpolation): an interior labelled slice is hidden and predicted
+  from its two labelled neighbours. The gap it is predicted across is the sum of the two gaps
+  around it, about twice the user's own gaps, so these estimates err on the pessimistic side.
+- *beyond* the outermost labelled slices (extrapolation): the outermost labelled slice of the
+  structure is hidden and predicted from the next one inwards, a one-sided carry over one gap,
+  as the run's open ends carry the structure outwards.
+Each fold runs on the stack of slices from the hidden slice's labelled neighbour(s) to itself
+(the candidates never see further than that geometry needs); the other examples still join the
+model's context, as in the run. The best method is chosen separately for the two jobs (fill
+between slices cannot extrapolate, and the bench shows different winners inside and outside the
+labelled span), so "auto" may answer with e.g. fill between the labelled slices and registration
+beyond them. Dice is pooled over the hidden slices (2 sum TP / sum(|P| + |T|)), like a volume
+Dice. With two labelled slices there is no interior slice to hide: between them the method that
+carried the structure best from one to the other (the extrapolation folds, over exactly that gap)
+is used. Up to MAX_FOLDS labelled slices are hidden in turn (the outermost always, interior ones
+spread over the span).
+
+With one labelled slice (of a structure, or one example pair) there is nothing to hold out: the
+report says so and a rule from the bench at k = 1 decides (docs/BENCHMARKS.md): the model won on
+the structures it never saw in training (Dice 0.55 against registration 0.20), registration on
+the ones it trained on (0.57 against 0.52). A user's structure in a user's volume is unseen by
+definition, so the rule is the model. For image tasks the bench's classical winners are the rule
+(NL-means for denoising, the linear map for synthesis, biharmonic for inpainting: each was level
+with or above the model on every held-out case).
+
+Image tasks hide one example pair at a time; classical parameters (NL-means h, TV weight) are
+tuned on the remaining pairs only, then on all pairs for the run. Scores are PSNR over the
+non-background voxels of the hidden target (the hole for inpainting), averaged over folds.
+
+The estimate is chosen on the same folds it is reported from, so it is slightly optimistic; the
+bench's calibration table says by how much (estimated against actual Dice).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from medgen.core.errors import Cancelled, InputError
+from medgen.infer import classical, interpolate
+from medgen.prompts import Example
+
+SCHEMA_VERSION = 1
+MAX_FOLDS = 5
+SEGMENT_METHODS = ("model", "fill", "registration", "nearest")
+BEYOND_METHODS = ("model", "registration", "nearest")  # fill between slices does not extrapolate
+IMAGE_METHODS = {"denoise": ("model", "nl-means", "tv"),
+                 "synthesize": ("model", "linear", "histogram"),
+                 "inpaint": ("model", "biharmonic")}
+K1_RULE = {"segment": "model", "denoise": "nl-means", "synthesize": "linear", "inpaint": "biharmonic"}
+K1_WHY = {"segment": "the model won at k = 1 on structures unseen in training (bench), and yours is unseen",
+          "denoise": "NL-means beat the model on every held-out denoising case (bench)",
+          "synthesize": "the linear map was level with or above the model on every held-out case (bench)",
+          "inpaint": "biharmonic was level with or above the model on the held-out case (bench)"}
+Progress = Callable[[float, str], None]
+
+
+def methods(task: str) -> tuple[str, ...]:
+    """The methods a run of `task` may be asked for ("auto" first)."""
+    return ("auto",) + (SEGMENT_METHODS if task == "segment" else IMAGE_METHODS[task])
+
+
+def check_method(task: str, method: str) -> None:
+    if method not in methods(task):
+        raise InputError(f"unknown method {method!r} for {task}: use {', '.join(methods(task))}")
+
+
+# -- the report ------------------------------------------------------------------------------------
+@dataclass
+class Estimate:
+    """One structure's (label's) or one image task's choice and leave-one-out scores."""
+
+    name: str  # "label 3" or the task
+    metric: str  # "dice" or "psnr"
+    chosen: str  # the method that made the output (or "fill between, registration beyond")
+    estimate: float | None  # the chosen method's leave-one-out score; None when not estimated
+    candidates: dict[str, float]  # every candidate's leave-one-out score (whole method)
+    examples: int  # labelled slices holding this label, or example pairs
+    folds: int  # hidden examples scored
+    parts: dict[str, str] = field(default_factory=dict)  # segmentation: {"between": m, "beyond": m}
+    note: str = ""
+
+    def line(self) -> str:
+        unit = "Dice" if self.metric == "dice" else "PSNR"
+        fmt = (lambda v: f"{v:.2f}") if self.metric == "dice" else (lambda v: f"{v:.1f} dB")
+        what = "labelled slice" if self.metric == "dice" else "example pair"
+        count = f"from {self.examples} {what}{'s' if self.examples != 1 else ''}"
+        if self.estimate is None:
+            return f"{self.name}: {self.chosen}, no estimate {count}" + (f" ({self.note})" if self.note else "")
+        others = ", ".join(f"{m} {fmt(v)}" for m, v in self.candidates.items() if m != self.chosen)
+        return (f"{self.name}: {self.chosen}, estimated {unit} {fmt(self.estimate)}"
+                + (f" ({others})" if others else "") + f" {count}")
+
+
+@dataclass
+class SelfCheckReport:
+    """What `run_with_report` returns beside the volume (and `medgen run --report` writes)."""
+
+    task: str
+    method: str  # what was asked: "auto" or a forced method
+    estimates: list[Estimate]
+    check_seconds: float = 0.0  # the leave-one-out runs
+    run_seconds: float = 0.0  # producing the output itself
+
+    def lines(self) -> list[str]:
+        return [e.line() for e in self.estimates]
+
+    def to_dict(self) -> dict:
+        return {"schema": SCHEMA_VERSION, **asdict(self)}
+
+    def write_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n")
+        return path
+
+
+def _report_value(v: float) -> float:
+    return float(round(min(v, 999.0), 4))  # identical PSNR is inf; JSON has no inf
+
+
+# -- segmentation by propagation -------------------------------------------------------------------
+@dataclass
+class SegmentContext:
+    """What the folds need from the run (all slices-first, axis 0 = propagation axis)."""
+
+    slices: np.ndarray  # input units
+    examples: list[Example]
+    labels: list[int]
+    model_fold: Callable[[np.ndarray, list[Example]], np.ndarray]  # (stack, examples) -> probs [L, n, H, W]
+    reg_norm: Callable[[np.ndarray], np.ndarray]  # normalisation for registration (clipped)
+    spacing: tuple[float, float]
+    threshold: float = 0.5
+    cancel: Callable[[], bool] = lambda: False
+
+
+def fold_slices(given: list[int], max_folds: int = MAX_FOLDS) -> list[int]:
+    """The labelled slices to hide: both outermost, then interior ones spread over the span."""
+    given = sorted(given)
+    if len(given) <= max_folds:
+        return given
+    inner = given[1:-1]
+    picks = np.linspace(0, len(inner) - 1, max_folds - 2).round().astype(int)
+    return [given[0]] + [inner[i] for i in sorted(set(picks))] + [given[-1]]
+
+
+def _counts(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    return np.array([np.sum(pred & truth), np.sum(pred), np.sum(truth)], np.float64)
+
+
+def _dice(c: np.ndarray) -> float:
+    return 1.0 if c[1] + c[2] == 0 else float(2 * c[0] / (c[1] + c[2]))
+
+
+Record = tuple[int, str, str, np.ndarray, int]  # label, region, method, [tp, |P|, |T|], hidden slice
+
+
+def check_segmentation(ctx: SegmentContext, progress: Progress) -> list[Record]:
+    """Leave-one-out over the labelled slices: one record per label, method and hidden slice."""
+    own = {e.slice_index: e for e in ctx.examples if e.slice_index is not None}
+    given = sorted(own)
+    has = {v: [s for s in given if np.any(own[s].target == v)] for v in ctx.labels}
+    records = []
+    folds = fold_slices(given) if len(given) > 1 else []
+    for i, h in enumerate(folds):
+        rest = [s for s in given if s != h]
+        lo = max([s for s in rest if s < h], default=h)
+        hi = min([s for s in rest if s > h], default=h)
+        regions = {v: _region(h, has[v]) for v in ctx.labels}
+        if not any(regions.values()):
+            continue
+        preds = _fold_predictions(ctx, own, h, lo, hi, [v for v in ctx.labels if regions[v]])
+        for v, methods_ in preds.items():
+            truth = own[h].target == v
+            for m, pred in methods_.items():
+                records.append((v, regions[v], m, _counts(pred, truth), h))
+        progress((i + 1) / len(folds), f"self-check: hid labelled slice {h} ({i + 1}/{len(folds)})")
+    return records
+
+
+def _region(h: int, with_label: list[int]) -> str | None:
+    """Which job hiding slice h tests for a label: between / beyond its labelled span, or none."""
+    if len(with_label) < 2 or h not in with_label:
+        return None
+    return "beyond" if h in (with_label[0], with_label[-1]) else "between"
+
+
+def _fold_predictions(ctx: SegmentContext, own: dict[int, Example], h: int, lo: int, hi: int,
+                      labels: list[int]) -> dict[int, dict[str, np.ndarray]]:
+    """Every candidate's prediction of slice h from the labelled slices lo..hi other than h."""
+    stack = ctx.slices[lo:hi + 1]
+    inside = [s for s in own if lo <= s <= hi and s != h]
+    fold_examples = [replace(e, slice_index=None if e.slice_index is None or e.slice_index == h
+                             or not lo <= e.slice_index <= hi else e.slice_index - lo)
+                     for e in ctx.examples if e.slice_index != h]
+    probs = ctx.model_fold(stack, fold_examples)
+    out = {}
+    normed = None
+    for v in labels:
+        li = ctx.labels.index(v)
+        known = {s - lo: own[s].target == v for s in inside}
+        with_v = {s: m for s, m in known.items() if m.any()}
+        preds = {"model": probs[li, h - lo] >= ctx.threshold}
+        if with_v:
+            normed = ctx.reg_norm(stack) if normed is None else normed
+            preds["registration"] = classical.registration_propagate(normed, with_v, ctx.spacing)[h - lo]
+        else:
+            preds["registration"] = np.zeros(stack.shape[1:], bool)
+        preds["nearest"] = _nearest_at(known, h - lo)
+        preds["fill"] = _fill_at(with_v, h - lo, stack.shape)
+        out[v] = preds
+        if ctx.cancel():
+            raise Cancelled("cancelled by the user; nothing was written")
+    return out
+
+
+def _nearest_at(known: dict[int, np.ndarray], s: int) -> np.ndarray:
+    idx = sorted(known)
+    full = np.zeros((max(idx + [s]) + 1,) + next(iter(known.values())).shape, bool)
+    for i in idx:
+        full[i] = known[i]
+    return classical.nearest_copy(full, idx)[s]
+
+
+def _fill_at(with_v: dict[int, np.ndarray], s: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Fill between slices at s (empty where it cannot apply: fewer than two slices, outside)."""
+    idx = sorted(with_v)
+    if len(idx) < 2 or not idx[0] < s < idx[-1] or not interpolate.available():
+        return np.zeros(shape[1:], bool)
+    stack = np.zeros(shape, bool)
+    for i in idx:
+        stack[i] = with_v[i]
+    try:
+        return interpolate.fill_between_slices(stack, idx)[s]
+    except RuntimeError:  # ITK refused this structure
+        return np.zeros(shape[1:], bool)
+
+
+def choose_segmentation(records: list[Record], labels: list[int],
+                        own: dict[int, np.ndarray]) -> list[Estimate]:
+    """Per label: the best method between and beyond the labelled slices, and the estimates."""
+    out = []
+    for v in labels:
+        count = sum(bool(np.any(t == v)) for t in own.values())
+        mine = [r for r in records if r[0] == v]
+        if not mine:
+            why = ("one labelled slice: nothing to hold out" if count < 2 else
+                   "no labelled slice could be hidden")
+            out.append(Estimate(f"label {v}", "dice", K1_RULE["segment"], None, {}, count, 0,
+                                {"between": "model", "beyond": "model"}, f"{why}; {K1_WHY['segment']}"))
+            continue
+        pooled = lambda m, region=None: sum((r[3] for r in mine if r[2] == m and region in (None, r[1])),
+                                            np.zeros(3))
+        beyond = max(BEYOND_METHODS, key=lambda m: _dice(pooled(m, "beyond")))
+        interior = any(r[1] == "between" for r in mine)
+        between = max(SEGMENT_METHODS, key=lambda m: _dice(pooled(m, "between"))) if interior else beyond
+        composite = pooled(between, "between") + pooled(beyond, "beyond")
+        chosen = between if between == beyond else f"{between} between, {beyond} beyond"
+        note = "" if interior else ("two labelled slices: between them, the method that best carried "
+                                    "the structure from one to the other")
+        folds = len({r[4] for r in mine})
+        out.append(Estimate(f"label {v}", "dice", chosen, _report_value(_dice(composite)),
+                            {m: _report_value(_dice(pooled(m))) for m in SEGMENT_METHODS}, count,
+                            folds, {"between": between, "beyond": beyond}, note))
+    return out
+
+
+def assemble_segmentation(estimates: list[Estimate], labels: list[int], own: dict[int, np.ndarray],
+                          answers: Callable[[str, int, tuple[str, ...]], np.ndarray], dtype) -> np.ndarray:
+    """The output from each label's chosen parts: answers(method, label, parts) -> binary
+    slices-first, valid at least in `parts` ("between" / "beyond" the labelled slices).
+
+    Labels are written in order and a voxel keeps the first label that claims it; the labelled
+    slices are copied exactly, as in the model's own output."""
+    out = None
+    for v, e in zip(labels, estimates):
+        with_v = sorted(s for s, t in own.items() if np.any(t == v))
+        same = e.parts["beyond"] == e.parts["between"]
+        between = answers(e.parts["between"], v, ("between", "beyond") if same else ("between",))
+        beyond = between if same else answers(e.parts["beyond"], v, ("beyond",))
+        mask = beyond.copy()
+        if len(with_v) >= 2:
+            mask[with_v[0] + 1:with_v[-1]] = between[with_v[0] + 1:with_v[-1]]
+        out = np.zeros(mask.shape, dtype) if out is None else out
+        out[mask & (out == 0)] = v
+    for s, t in own.items():
+        out[s] = np.where(np.isin(t, labels), t, 0)
+    return out
+
+
+# -- image tasks ------------------------------------------------------------------------------------
+def _foreground(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Voxels off the background of the input or the target (the background is the minimum)."""
+    return (x > x.min()) | (y > y.min())
+
+
+def classical_method(task: str, name: str, examples: list[Example]) -> tuple[Callable, str]:
+    """A classical candidate fitted on `examples`: (fn(slices [n,H,W] input units, holes) -> output
+    units, a note of its tuned parameter). Parameters are tuned in the examples' intensity units,
+    so they are applied in those units too."""
+    if name == "biharmonic":
+        return (lambda x, holes: np.stack([classical.biharmonic(s, m) for s, m in zip(x, holes)])), ""
+    if task == "denoise":
+        n = examples[0].image_norm
+        xs, ys = [n(e.image) for e in examples], [n(e.target) for e in examples]
+        if name == "nl-means":
+            sigma = max(classical.noise_sigma(xs, ys), 1e-6)
+            fn = lambda x, p: classical.nl_means(x, p, sigma)
+            grid, what = classical.NLM_FACTORS, "h={:g} sigma"
+        else:
+            fn, grid, what = classical.tv, classical.TV_WEIGHTS, "weight={:g}"
+        p = classical.pick_parameter(fn, grid, xs, ys)
+        return (lambda x, holes: np.stack([n.inverse(fn(n(s), p)) for s in x])), what.format(p)
+    fg = [_foreground(e.image, e.target) for e in examples]
+    x_ex = np.concatenate([e.image[m] for e, m in zip(examples, fg)])
+    y_ex = np.concatenate([e.target[m] for e, m in zip(examples, fg)])
+    x_bg = min(float(e.image.min()) for e in examples)
+    y_bg = min(float(e.target.min()) for e in examples)
+
+    def apply(x: np.ndarray, holes) -> np.ndarray:
+        on = x > x_bg
+        out = np.full(x.shape, y_bg, np.float32)
+        values = (classical.linear_map(x_ex, y_ex, x[on]) if name == "linear"
+                  else classical.histogram_match(x[on], y_ex))
+        out[on] = values
+        return out
+    return apply, ""
+
+
+def check_image_task(task: str, examples: list[Example], model_fold: Callable, progress: Progress
+                     ) -> dict[str, list[float]]:
+    """Leave-one-out PSNR per candidate: {method: [PSNR per hidden pair]}."""
+    from medgen.metrics import psnr
+
+    scores: dict[str, list[float]] = {m: [] for m in IMAGE_METHODS[task]}
+    folds = fold_slices(list(range(len(examples)))) if len(examples) > 1 else []
+    for i, j in enumerate(folds):
+        hidden, rest = examples[j], [e for k, e in enumerate(examples) if k != j]
+        holes = (hidden.image != hidden.target)[None] if task == "inpaint" else None
+        region = holes[0] if holes is not None else _foreground(hidden.image, hidden.target)
+        if not region.any():
+            continue
+        ref = hidden.target.astype(np.float32)
+        rng = float(ref[region].max() - ref[region].min()) or 1.0
+        for m in scores:
+            if m == "model":
+                pred = model_fold(hidden, rest, holes)
+            else:
+                pred = classical_method(task, m, rest)[0](hidden.image[None].astype(np.float32), holes)[0]
+            scores[m].append(min(psnr(pred[region], ref[region], rng), 999.0))
+        progress((i + 1) / len(folds), f"self-check: hid example pair {j + 1} ({i + 1}/{len(folds)})")
+    return scores
+
+
+def choose_image_task(task: str, scores: dict[str, list[float]], k: int) -> Estimate:
+    if not any(scores.values()):
+        why = "one example pair: nothing to hold out" if k < 2 else "no example pair could be scored"
+        return Estimate(task, "psnr", K1_RULE[task], None, {}, k, 0, note=f"{why}; {K1_WHY[task]}")
+    mean = {m: _report_value(float(np.mean(v))) for m, v in scores.items() if v}
+    best = max(mean, key=mean.get)
+    return Estimate(task, "psnr", best, mean[best], mean, k, len(next(iter(scores.values()))))
+
+
+def forced(task: str, method: str, names: list[str], k: int) -> list[Estimate]:
+    """Report entries for a method the user forced: nothing is checked."""
+    metric = "dice" if task == "segment" else "psnr"
+    parts = {"between": method, "beyond": method} if task == "segment" else {}
+    return [Estimate(n, metric, method, None, {}, k, 0, parts, "method chosen by the user: not checked")
+            for n in names]
+
+
+# -- one run: check, choose, answer ---------------------------------------------------------------
+def _part(progress: Progress, a: float, b: float) -> Progress:
+    return lambda f, msg: progress(a + (b - a) * f, msg)
+
+
+def run_segmentation(model, device, image, examples: list[Example], options, mode: str,
+                     model_answer: Callable[[Progress], np.ndarray], progress: Progress,
+                     cancel: Callable[[], bool] | None = None) -> tuple[np.ndarray, SelfCheckReport]:
+    """The segmentation (image axis order) by `options.method`, and its report.
+
+    `model_answer(progress)` is the model's own output (the pipeline's path, adaptation included);
+    it is only called when some label's chosen method is the model."""
+    from medgen.core.config import modality_index, task_index
+    from medgen.core.intensity import fit_normalizer
+    from medgen.core.volume import slice_view
+    from medgen.infer.predictor import Predictor
+    from medgen.infer.segment import VolumeSegmenter, label_dtype
+    from medgen.prompts import example_labels
+
+    method, axis = options.method, options.axis
+    labels = example_labels(examples)
+    own = {e.slice_index: e.target for e in examples if e.slice_index is not None}
+    if mode != "propagate":
+        if method not in ("auto", "model"):
+            raise InputError(f"the {method} method works from labelled slices of the image itself, "
+                             "and none of the examples is one: label a slice of this image, or use the model")
+        t = time.perf_counter()
+        array = model_answer(progress)
+        note = "examples from other images: only the model applies"
+        report = SelfCheckReport("segment", method, [
+            Estimate(f"label {v}", "dice", "model", None, {}, len(examples), 0, {}, note) for v in labels],
+            0.0, time.perf_counter() - t)
+        return array, report
+    slices = slice_view(image.array, axis)
+    spacing = image.slice_spacing(axis)
+    reg_norm = fit_normalizer(image.array, options.modality, clip=True)
+    t0 = time.perf_counter()
+    if method == "auto":
+        predictor = Predictor(model, device, cancel)
+        norm = fit_normalizer(image.array, options.modality)
+        settings = replace(options.segment, mode="propagate")
+
+        def model_fold(stack: np.ndarray, fold_examples: list[Example]) -> np.ndarray:
+            seg = VolumeSegmenter(predictor, stack, spacing=spacing, norm=norm, examples=fold_examples,
+                                  labels=labels, task=task_index("segment"),
+                                  modality=modality_index(options.modality), in_volume=True,
+                                  settings=settings, progress=lambda f, m: None,
+                                  thickness=image.slice_thickness(axis))
+            return seg.propagate()
+        ctx = SegmentContext(slices, examples, labels, model_fold, reg_norm, spacing,
+                             options.segment.threshold, cancel or (lambda: False))
+        estimates = choose_segmentation(check_segmentation(ctx, _part(progress, 0.0, 0.5)), labels, own)
+    else:
+        estimates = forced("segment", method, [f"label {v}" for v in labels], len(own))
+    t1 = time.perf_counter()
+    rest = _part(progress, 0.5 if method == "auto" else 0.0, 1.0)
+    cache: dict[str, np.ndarray] = {}
+
+    def answer(m: str, v: int, parts: tuple[str, ...]) -> np.ndarray:
+        with_v = sorted(s for s, t in own.items() if np.any(t == v))
+        if m == "model":
+            if "model" not in cache:
+                cache["model"] = np.moveaxis(model_answer(rest), axis, 0)
+            return cache["model"] == v
+        if m == "nearest":
+            idx = sorted(own)
+            full = np.zeros(slices.shape, bool)
+            for s in idx:
+                full[s] = own[s] == v
+            return classical.nearest_copy(full, idx)
+        if not with_v:
+            return np.zeros(slices.shape, bool)
+        if m == "registration":
+            return classical.registration_propagate(reg_norm(slices), {s: own[s] == v for s in with_v},
+                                                    spacing, parts=parts)
+        stack = np.zeros(slices.shape, bool)
+        for s in with_v:
+            stack[s] = own[s] == v
+        return interpolate.fill_between_slices(stack, with_v) if len(with_v) >= 2 else stack
+
+    if all(set(e.parts.values()) == {"model"} for e in estimates):
+        out = np.moveaxis(model_answer(rest), axis, 0)
+    else:
+        out = assemble_segmentation(estimates, labels, own, answer, label_dtype(labels))
+    rest(1.0, "done")
+    report = SelfCheckReport("segment", method, estimates, t1 - t0, time.perf_counter() - t1)
+    return np.ascontiguousarray(np.moveaxis(out, 0, axis)), report
+
+
+def run_image_task(model, device, image, examples: list[Example], options, mask,
+                   model_answer: Callable[[Progress], np.ndarray], progress: Progress,
+                   cancel: Callable[[], bool] | None = None) -> tuple[np.ndarray, SelfCheckReport]:
+    """Denoising, synthesis or inpainting (image axis order) by `options.method`, and its report."""
+    from medgen.core.config import modality_index, task_index
+    from medgen.core.volume import slice_view
+    from medgen.infer import imagetasks
+    from medgen.infer.predictor import Predictor
+
+    task, method = options.task, options.method
+    t0 = time.perf_counter()
+    if method == "auto":
+        predictor = Predictor(model, device, cancel)
+
+        def model_fold(hidden: Example, rest: list[Example], holes) -> np.ndarray:
+            out_norm = rest[0].target_norm if task == "synthesize" else hidden.image_norm
+            return imagetasks.run_image_task(predictor, hidden.image[None].astype(np.float32), rest,
+                                             task_index(task), modality_index(options.modality),
+                                             hidden.image_norm, out_norm, holes, lambda f, m: None)[0]
+        estimate = choose_image_task(task, check_image_task(task, examples, model_fold,
+                                                            _part(progress, 0.0, 0.5)), len(examples))
+    else:
+        estimate = forced(task, method, [task], len(examples))[0]
+    t1 = time.perf_counter()
+    rest = _part(progress, 0.5 if method == "auto" else 0.0, 1.0)
+    if estimate.chosen == "model":
+        array = model_answer(rest)
+    else:
+        fn, parameter = classical_method(task, estimate.chosen, examples)
+        if parameter:
+            estimate.note = (estimate.note + "; " if estimate.note else "") + f"tuned on the examples: {parameter}"
+        slices = slice_view(image.array, options.axis).astype(np.float32)
+        holes = slice_view(mask.array != 0, options.axis) if task == "inpaint" else np.zeros(slices.shape, bool)
+        out = fn(slices, holes)
+        if task == "inpaint":
+            out = np.where(holes, out, slices)
+        array = np.ascontiguousarray(np.moveaxis(out.astype(np.float32), 0, options.axis))
+    rest(1.0, "done")
+    return array, SelfCheckReport(task, method, [estimate], t1 - t0, time.perf_counter() - t1)
