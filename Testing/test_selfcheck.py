@@ -1,0 +1,194 @@
+"""The self-check (medgen/infer/selfcheck.py): leave-one-out on the user's own examples picks the
+method per label or task and reports its estimate.
+
+Real data: the pyradiomics lung2 CT (../shared/data, held out from training), cut to a 128 x 128
+box around the lesion, all 61 slices (5 mm). The constructed case puts a cone on that CT: a disk
+whose radius grows by one pixel per slice, a shape fill between slices (ITK's contour
+interpolation) reproduces between labelled slices while copying, registration (which follows the
+lung's tissue, not the cone) and a model that never saw cones do not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medgen.core.errors import InputError
+from medgen.core.intensity import fit_normalizer
+from medgen.core.volume import Volume, parse_axis
+from medgen.infer import classical, selfcheck
+from medgen.infer.interpolate import fill_between_slices
+from medgen.infer.pipeline import RunOptions, run, run_with_report
+from medgen.io.images import read_volume, write_volume
+from medgen.prompts import pairs_from_volumes
+
+CONE = (20, 41)  # slices the cone spans (numpy axis 0 = axial here)
+CONE_GIVEN = [20, 25, 30, 35, 40]
+
+
+@pytest.fixture(scope="module")
+def lung(shared_data: Path) -> tuple[Volume, Volume]:
+    image = read_volume(shared_data / "pyradiomics" / "lung2_image.nrrd")
+    label = read_volume(shared_data / "pyradiomics" / "lung2_label.nrrd", label=True)
+    assert parse_axis("axial", image) == 0
+    rows, cols = np.nonzero(label.array.any(0))
+    r, c = int(rows.mean()), int(cols.mean())
+    box = (slice(None), slice(r - 64, r + 64), slice(c - 64, c + 64))
+    crop = lambda v: Volume(np.ascontiguousarray(v.array[box]), v.spacing, v.origin, v.direction)
+    return crop(image), crop(label)
+
+
+def _cone(shape: tuple[int, int, int]) -> np.ndarray:
+    yy, xx = np.mgrid[:shape[1], :shape[2]]
+    out = np.zeros(shape, np.uint8)
+    for s in range(*CONE):
+        out[s] = np.hypot(yy - 64, xx - 64) <= 4 + (s - CONE[0])
+    return out
+
+
+def test_choice_follows_the_method_that_is_clearly_better(model, lung) -> None:
+    """Between the labelled slices of a cone, fill between slices is right and the others are
+    not: the self-check must see that on the hidden slices, pick it, and the output must be it."""
+    image, _ = lung
+    cone = _cone(image.shape)
+    given_only = np.zeros_like(cone)
+    given_only[CONE_GIVEN] = cone[CONE_GIVEN]
+    examples = pairs_from_volumes(image, image.with_array(given_only), 0, CONE_GIVEN, "segment", "ct", own=True)
+    result = run_with_report(model, image, examples, RunOptions("segment", 0, "ct", "cpu"))
+    (est,) = result.report.estimates
+    assert est.parts["between"] == "fill", est
+    assert est.folds == len(CONE_GIVEN) and est.examples == len(CONE_GIVEN)
+    fill = fill_between_slices(given_only > 0, CONE_GIVEN)
+    inner = slice(CONE_GIVEN[0] + 1, CONE_GIVEN[-1])
+    np.testing.assert_array_equal(result.volume.array[inner] > 0, fill[inner])
+    truth = cone[inner] > 0
+    assert 2 * np.sum(fill[inner] & truth) / (fill[inner].sum() + truth.sum()) > 0.9
+    line = result.report.lines()[0]
+    assert line.startswith("label 1: fill between") and "estimated Dice" in line and "from 5 labelled slices" in line
+
+
+def test_one_labelled_slice_says_it_cannot_estimate(model, lung) -> None:
+    image, label = lung
+    given = [20]
+    examples = pairs_from_volumes(image, label, 0, given, "segment", "ct", own=True)
+    result = run_with_report(model, image, examples, RunOptions("segment", 0, "ct", "cpu"))
+    (est,) = result.report.estimates
+    assert est.estimate is None and est.candidates == {} and est.folds == 0
+    assert est.chosen == "model" and "nothing to hold out" in est.note
+    assert "no estimate from 1 labelled slice" in result.report.lines()[0]
+    forced = run(model, image, examples, RunOptions("segment", 0, "ct", "cpu", method="model"))
+    np.testing.assert_array_equal(result.volume.array, forced.array)  # the rule's choice, exactly
+
+
+def test_denoising_with_one_pair_follows_the_bench_rule(model, lung) -> None:
+    image, _ = lung
+    rng = np.random.default_rng(0)
+    noisy = image.with_array((image.array + rng.normal(0, 40, image.shape)).astype(np.float32))
+    examples = pairs_from_volumes(noisy, image, 0, [30], "denoise", "ct", own=False)
+    query = Volume(noisy.array[34:36], noisy.spacing, noisy.origin, noisy.direction)
+    result = run_with_report(model, query, examples, RunOptions("denoise", 0, "ct", "cpu"))
+    (est,) = result.report.estimates
+    assert est.chosen == "nl-means" and est.estimate is None and "nothing to hold out" in est.note
+    clean = image.array[34:36].astype(np.float32)
+    assert np.abs(result.volume.array - clean).mean() < np.abs(query.array - clean).mean()
+
+
+def test_unknown_method_is_refused_before_any_work(model, lung) -> None:
+    image, label = lung
+    examples = pairs_from_volumes(image, label, 0, [18, 22], "segment", "ct", own=True)
+    with pytest.raises(InputError, match="unknown method 'nl-means' for segment"):
+        run(model, image, examples, RunOptions("segment", 0, "ct", "cpu", method="nl-means"))
+
+
+def test_folds_hide_both_ends_and_spread_inside() -> None:
+    assert selfcheck.fold_slices([3, 9]) == [3, 9]
+    folds = selfcheck.fold_slices(list(range(0, 40, 2)))
+    assert folds[0] == 0 and folds[-1] == 38 and len(folds) == selfcheck.MAX_FOLDS
+    assert folds == sorted(set(folds))
+
+
+# -- the command line: forcing a method, the printed lines and the JSON sidecar -------------------------
+def _medgen(*argv: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    return subprocess.run([sys.executable, "-m", "medgen", *argv], capture_output=True, text=True,
+                          timeout=900, env=env)
+
+
+@pytest.fixture(scope="module")
+def lung_files(lung, tmp_path_factory) -> tuple[Path, Path, Path]:
+    folder = tmp_path_factory.mktemp("lung2")
+    image, label = lung
+    write_volume(image, folder / "image.nii.gz")
+    write_volume(label, folder / "label.nii.gz")
+    return folder, folder / "image.nii.gz", folder / "label.nii.gz"
+
+
+REPORT_KEYS = {"schema": int, "task": str, "method": str, "estimates": list, "check_seconds": float,
+               "run_seconds": float}
+ESTIMATE_KEYS = {"name": str, "metric": str, "chosen": str, "estimate": (float, type(None)),
+                 "candidates": dict, "examples": int, "folds": int, "parts": dict, "note": str}
+
+
+@pytest.mark.model
+def test_forced_method_and_report_sidecar(lung_files) -> None:
+    """`--method registration` gives exactly SimpleITK's demons propagation; the sidecar says so."""
+    folder, image_path, label_path = lung_files
+    out, report = folder / "forced.nii.gz", folder / "forced.json"
+    done = _medgen("run", "--task", "segment", "--image", str(image_path), "--context-target",
+                   str(label_path), "--context-slices", "17,23", "--method", "registration",
+                   "--report", str(report), "--out", str(out), "--device", "cpu", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert "label 1: registration, no estimate from 2 labelled slices" in done.stdout
+    data = json.loads(report.read_text())
+    assert data["method"] == "registration" and data["estimates"][0]["chosen"] == "registration"
+    image, label = read_volume(image_path), read_volume(label_path, label=True).array
+    given = {s: label[s] > 0 for s in (17, 23)}
+    expected = classical.registration_propagate(fit_normalizer(image.array, "ct", clip=True)(image.array),
+                                                given, image.slice_spacing(0))
+    np.testing.assert_array_equal(read_volume(out, label=True).array > 0, expected)
+
+
+@pytest.mark.model
+def test_auto_prints_estimates_and_writes_the_schema(lung_files) -> None:
+    folder, image_path, label_path = lung_files
+    out, report = folder / "auto.nii.gz", folder / "auto.json"
+    done = _medgen("run", "--task", "segment", "--image", str(image_path), "--context-target",
+                   str(label_path), "--context-slices", "16,20,24", "--report", str(report),
+                   "--out", str(out), "--device", "cpu", "--quiet")
+    assert done.returncode == 0, done.stderr
+    data = json.loads(report.read_text())
+    for key, kind in REPORT_KEYS.items():
+        assert isinstance(data[key], kind), key
+    assert data["schema"] == selfcheck.SCHEMA_VERSION and data["task"] == "segment" and data["method"] == "auto"
+    (est,) = data["estimates"]
+    for key, kind in ESTIMATE_KEYS.items():
+        assert isinstance(est[key], kind), key
+    assert est["name"] == "label 1" and est["metric"] == "dice" and est["examples"] == 3 and est["folds"] == 3
+    assert set(est["candidates"]) == set(selfcheck.SEGMENT_METHODS)
+    assert all(0.0 <= v <= 1.0 for v in est["candidates"].values()) and 0.0 <= est["estimate"] <= 1.0
+    assert set(est["parts"]) == {"between", "beyond"} and set(est["parts"].values()) <= set(selfcheck.SEGMENT_METHODS)
+    line = next(l for l in done.stdout.splitlines() if l.startswith("label 1:"))
+    assert f"estimated Dice {est['estimate']:.2f}" in line and "from 3 labelled slices" in line
+    for m, v in est["candidates"].items():
+        if m != est["chosen"]:
+            assert f"{m} {v:.2f}" in line
+
+
+@pytest.mark.model
+def test_bad_method_and_report_path_exit_2_and_write_nothing(lung_files) -> None:
+    folder, image_path, label_path = lung_files
+    out = folder / "never.nii.gz"
+    base = ["run", "--task", "segment", "--image", str(image_path), "--context-target", str(label_path),
+            "--context-slices", "17,23", "--out", str(out), "--device", "cpu", "--quiet"]
+    bad = _medgen(*base, "--method", "biharmonic")
+    assert bad.returncode == 2 and "unknown method 'biharmonic' for segment" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+    wrong = _medgen(*base, "--report", str(folder / "report.txt"))
+    assert wrong.returncode == 2 and "give a path ending in .json" in wrong.stderr
+    assert not out.exists() and not (folder / "report.txt").exists()
