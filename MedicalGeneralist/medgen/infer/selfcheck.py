@@ -393,6 +393,12 @@ def forced(task: str, method: str, names: list[str], k: int) -> list[Estimate]:
 
 
 # -- one run: check, choose, answer ---------------------------------------------------------------
+def _stop_if(cancel: Callable[[], bool] | None) -> None:
+    """Classical methods do not poll the cancel flag themselves: ask before and after them."""
+    if cancel is not None and cancel():
+        raise Cancelled("cancelled by the user; nothing was written")
+
+
 def _part(progress: Progress, a: float, b: float) -> Progress:
     return lambda f, msg: progress(a + (b - a) * f, msg)
 
@@ -475,7 +481,9 @@ def run_segmentation(model, device, image, examples: list[Example], options, mod
     if all(set(e.parts.values()) == {"model"} for e in estimates):
         out = np.moveaxis(model_answer(rest), axis, 0)
     else:
+        _stop_if(cancel)
         out = assemble_segmentation(estimates, labels, own, answer, label_dtype(labels))
+        _stop_if(cancel)
     rest(1.0, "done")
     report = SelfCheckReport("segment", method, estimates, t1 - t0, time.perf_counter() - t1)
     return np.ascontiguousarray(np.moveaxis(out, 0, axis)), report
@@ -515,7 +523,9 @@ def run_image_task(model, device, image, examples: list[Example], options, mask,
             estimate.note = (estimate.note + "; " if estimate.note else "") + f"tuned on the examples: {parameter}"
         slices = slice_view(image.array, options.axis).astype(np.float32)
         holes = slice_view(mask.array != 0, options.axis) if task == "inpaint" else np.zeros(slices.shape, bool)
+        _stop_if(cancel)
         out = fn(slices, holes)
+        _stop_if(cancel)
         if task == "inpaint":
             out = np.where(holes, out, slices)
         array = np.ascontiguousarray(np.moveaxis(out.astype(np.float32), 0, options.axis))
