@@ -1,30 +1,32 @@
-"""One run of the engine from inside Slicer: read the scene, compute off the GUI thread, write.
+"""One run of the engine from inside Slicer: read the scene, compute in the worker process, write.
 
-Split in three so that the GUI can stay responsive and a cancelled run cannot leave anything
-behind: `prepare` reads MRML into numpy on the main thread (a snapshot: later edits in the scene
-do not race with the run); `compute` only touches numpy and torch, so it may run on a worker
-thread (`BackgroundRun`); `write` creates the result nodes on the main thread, and only after the
-engine finished. `process` chains the three for scripts and tests (the module Logic's `process`).
-No Qt and no `slicer.app` here, so the pytest suite runs it on a headless MRML scene.
+Split so that the GUI stays responsive and a cancelled or failed run leaves nothing behind:
+`prepare` reads MRML into numpy on the main thread (a snapshot: later edits in the scene do not
+race with the run); `submit` writes what the model needs into a job folder and hands it to the
+engine process (`medgen.worker`, see worker_client.py), whose progress the GUI polls without
+blocking; `collect` reads the output files and `write` creates the result nodes on the main
+thread, only after the engine finished. `process` chains them for scripts and tests (the module
+Logic's `process`). No Qt, no `slicer.app` and no torch here: the pytest suite runs it on a
+headless MRML scene, and Slicer's own process never loads torch.
 """
 
 from __future__ import annotations
 
-import threading
-import traceback
+import atexit
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from MedicalGeneralistLib import slicer_io as io
+from MedicalGeneralistLib.worker_client import WorkerError, WorkerJob, WorkerProcess
 from medgen.core.config import IMAGE_TASKS, MODALITIES, TASKS
 from medgen.core.errors import InputError
-from medgen.prompts import inpaint_self_examples
 from medgen.core.intensity import guess_modality
-from medgen.infer.pipeline import RunOptions, run
-from medgen.infer.segment import SegmentSettings
 from medgen.core.volume import Volume, anatomical_axis
+from medgen.io import jobs
+from medgen.prompts import inpaint_self_examples
 
 Progress = Callable[[float, str], None]
 RANGE_MODES = ("whole", "between", "around")
@@ -62,7 +64,7 @@ class PreparedRun:
     full_shape: tuple[int, ...]
     offset: int  # first slice of the crop along options.axis
     groups: list[io.ExampleGroup]
-    options: RunOptions
+    options: jobs.JobOptions
     mask: Volume | None = None
     colors: dict[str, tuple[float, float, float]] = field(default_factory=dict)
     input_array: np.ndarray | None = None  # image tasks: voxels kept outside the range
@@ -91,8 +93,8 @@ def prepare(request: RunRequest) -> PreparedRun:
     image = full if (lo, hi) == (0, full.shape[axis] - 1) else Volume(
         io.crop_along(full.array, axis, lo, hi - lo + 1), full.spacing, full.origin, full.direction, full.is_2d)
     modality = guess_modality(full.array) if request.modality == "auto" else request.modality
-    options = RunOptions(request.task, axis, modality, request.device, request.threads, request.seed,
-                         request.adapt_steps, segment=SegmentSettings(mode=request.mode))
+    options = jobs.JobOptions(request.task, axis, modality, request.device, request.threads, request.seed,
+                              request.adapt_steps, request.mode)
     mask = _mask(request, full, axis, lo, image.shape[axis])
     if entries:
         gathered = io.gather_examples(entries, node, image, axis, request.task, modality,
@@ -141,38 +143,25 @@ def _mask(request: RunRequest, full: Volume, axis: int, lo: int, size: int) -> V
     return Volume(io.crop_along(holes, axis, lo, size), full.spacing, full.origin, full.direction, full.is_2d)
 
 
-# -- any thread: compute -----------------------------------------------------------------------
-_MODELS: dict[str, object] = {}
-_MODELS_LOCK = threading.Lock()
+# -- the worker process: compute -------------------------------------------------------------
+def submit(prepared: PreparedRun, worker: WorkerProcess) -> WorkerJob:
+    """Write the job folder and hand it to the worker (started if needed); returns at once."""
+    folder = tempfile.mkdtemp(prefix="medgen-job-")
+    job = jobs.Job(prepared.image, [g.examples for g in prepared.groups], prepared.options,
+                   prepared.request.model, prepared.mask)
+    jobs.write_job(job, folder)
+    return worker.submit(folder)
 
 
-def cached_model(spec: str | None):
-    """Load a model once per session (checksum checked on first load); hub models may download."""
-    from medgen.io.weights import load_model
-
-    key = spec or "default"
-    with _MODELS_LOCK:
-        if key not in _MODELS:
-            _MODELS[key] = load_model(spec, device="cpu")[0]
-        return _MODELS[key]
-
-
-def compute(prepared: PreparedRun, model, progress: Progress | None = None,
-            cancel: Callable[[], bool] | None = None) -> RunResult | None:
-    """Run the engine on the snapshot: numpy and torch only, safe off the main thread.
-
-    Overlap-free segment groups run one after another; None as soon as a run is cancelled.
-    """
-    progress = progress or (lambda f, m: None)
-    groups, axis = prepared.groups, prepared.options.axis
+def collect(prepared: PreparedRun, job: WorkerJob) -> RunResult:
+    """The finished job's output files, back at the input's full size (labels -> named masks)."""
+    if job.state != "done":
+        raise WorkerError(str(job.error) if job.error else f"the run is {job.state}, not done")
+    if len(job.outputs) != len(prepared.groups):
+        raise WorkerError(f"the engine returned {len(job.outputs)} results for {len(prepared.groups)} groups")
     result = RunResult()
-    for g, group in enumerate(groups):
-        report = lambda f, m, g=g: progress((g + f) / len(groups), m)
-        out = run(model, prepared.image, group.examples, prepared.options, mask=prepared.mask,
-                  progress=report, cancel=cancel)
-        if out is None:
-            return None
-        full = _uncrop(prepared, out.array, axis)
+    for group, path in zip(prepared.groups, job.outputs):
+        full = _uncrop(prepared, jobs.read_output(path, prepared.image.shape), prepared.options.axis)
         if prepared.options.task == "segment":
             result.segments += [(name, full == value) for value, name in enumerate(group.names, 1)]
         else:
@@ -209,66 +198,41 @@ def write(prepared: PreparedRun, result: RunResult):
     return target
 
 
-def process(request: RunRequest, model=None, progress: Progress | None = None,
-            cancel: Callable[[], bool] | None = None):
+def finish(prepared: PreparedRun, job: WorkerJob):
+    """After a job ended: the written node, None when cancelled; raises on failure. Removes the folder."""
+    try:
+        if job.state == "cancelled":
+            return None
+        if job.state == "failed":
+            error = job.error or WorkerError("the run failed")
+            raise InputError(str(error)) if error.kind == "input" else error
+        return write(prepared, collect(prepared, job))
+    finally:
+        job.discard()
+
+
+_SHARED: list[WorkerProcess] = []
+
+
+def shared_worker() -> WorkerProcess:
+    """One warm worker for scripts that do not bring their own (stopped when Python exits)."""
+    if not _SHARED:
+        _SHARED.append(WorkerProcess())
+        atexit.register(_SHARED[0].stop)
+    return _SHARED[0]
+
+
+def process(request: RunRequest, worker: WorkerProcess | None = None, progress: Progress | None = None,
+            cancel: Callable[[], bool] | None = None, timeout: float | None = None):
     """Blocking run for scripts and tests: the written node, or None if cancelled (nothing written)."""
     prepared = prepare(request)
-    result = compute(prepared, model if model is not None else cached_model(request.model), progress, cancel)
-    return None if result is None else write(prepared, result)
+    job = submit(prepared, worker or shared_worker())
+    if not job.wait(timeout, cancel=cancel, progress=progress):
+        job.cancel()
+        job.discard()
+        raise WorkerError(f"the run did not finish within {timeout} s: it was stopped", "timeout")
+    return finish(prepared, job)
 
 
-# -- background thread -------------------------------------------------------------------------
-class BackgroundRun:
-    """`compute` (and the model load) on a worker thread; the GUI polls it from a timer.
-
-    Only plain attributes cross threads: the worker writes progress and the outcome, the GUI
-    thread reads them and sets the cancel flag. MRML and Qt are never touched by the worker.
-    """
-
-    def __init__(self, prepared: PreparedRun, model_spec: str | None = None, model=None) -> None:
-        self.prepared, self.model_spec, self.model = prepared, model_spec, model
-        self.fraction, self.message = 0.0, "starting"
-        self.result: RunResult | None = None
-        self.error: BaseException | None = None
-        self.details = ""
-        self._cancel = threading.Event()
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._work, name="MedicalGeneralist", daemon=True)
-
-    def start(self) -> "BackgroundRun":
-        self._thread.start()
-        return self
-
-    def cancel(self) -> None:
-        self._cancel.set()
-        self.message = "cancelling"
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancel.is_set()
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return self._done.wait(timeout)
-
-    def _progress(self, fraction: float, message: str) -> None:
-        self.fraction, self.message = float(fraction), message
-
-    def _work(self) -> None:
-        try:
-            if self.model is None:
-                self._progress(0.0, "loading the model")
-                self.model = cached_model(self.model_spec)
-            if not self._cancel.is_set():
-                self.result = compute(self.prepared, self.model, self._progress, self._cancel.is_set)
-        except BaseException as error:  # reported to the GUI thread, which shows it
-            self.error, self.details = error, traceback.format_exc()
-        finally:
-            self._done.set()
-
-
-__all__ = ["RunRequest", "PreparedRun", "RunResult", "prepare", "compute", "write", "process",
-           "BackgroundRun", "cached_model", "RANGE_MODES"]
+__all__ = ["RunRequest", "PreparedRun", "RunResult", "prepare", "submit", "collect", "write", "finish",
+           "process", "shared_worker", "RANGE_MODES"]

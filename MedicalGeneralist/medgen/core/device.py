@@ -1,8 +1,10 @@
 """Where the model runs and how much it may hold at once.
 
-The memory guard sizes batches from the memory actually free (CUDA: `mem_get_info`; CPU: the
-kernel's MemAvailable) instead of from a fixed constant, so a large volume is processed in more,
-smaller chunks rather than crashing a radiologist's Slicer session.
+The memory guard sizes batches from the memory actually free instead of from a fixed constant,
+so a large volume is processed in more, smaller chunks rather than running out of memory. Free
+memory is read portably: CUDA and Apple MPS through torch's own queries, host memory through
+psutil (Linux, Windows, macOS alike), with a POSIX page count and then a fixed, modest guess as
+fallbacks where psutil is missing (the free-memory question must never crash a run).
 """
 
 from __future__ import annotations
@@ -49,18 +51,47 @@ def autocast(device: torch.device):
     return nullcontext()
 
 
+FALLBACK_FREE_BYTES = 2 * 1024**3  # when nothing can tell: small enough for a laptop
+
+
 def free_bytes(device: torch.device) -> int:
     """Memory available for new tensors on the device."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
+    host = host_free_bytes()
+    if device.type == "mps":  # unified memory: the host's free memory, within Metal's own budget
+        return min(host, mps_free_bytes())
+    return host
+
+
+def host_free_bytes() -> int:
+    """Free host memory: psutil where installed, else the POSIX page count, else a fixed guess.
+
+    os.sysconf has no SC_AVPHYS_PAGES on macOS and no sysconf at all on Windows, so the page
+    count is only asked where the platform has it.
+    """
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        return int(psutil.virtual_memory().available)
+    names = getattr(os, "sysconf_names", {})
+    if "SC_AVPHYS_PAGES" in names and "SC_PAGE_SIZE" in names:
+        try:
+            return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+        except (OSError, ValueError):
+            pass
+    return FALLBACK_FREE_BYTES
+
+
+def mps_free_bytes() -> int:
+    """What Metal still allows this process to allocate (torch's own MPS accounting)."""
+    mps = getattr(torch, "mps", None)
+    try:
+        return max(0, int(mps.recommended_max_memory()) - int(mps.driver_allocated_memory()))
+    except (AttributeError, RuntimeError):  # an older torch without these queries
+        return FALLBACK_FREE_BYTES
 
 
 def batch_limit(bytes_per_item: int, device: torch.device, fraction: float = 0.25,

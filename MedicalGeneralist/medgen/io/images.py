@@ -241,8 +241,10 @@ def to_sitk(volume: Volume, array: np.ndarray | None = None) -> sitk.Image:
     return image
 
 
-def write_volume(volume: Volume, path: str | Path, array: np.ndarray | None = None) -> Path:
+def write_volume(volume: Volume, path: str | Path, array: np.ndarray | None = None,
+                 compress: bool = True) -> Path:
     """Write on the volume's grid; format from the extension. PNG keeps 8 bits when it fits.
+    compress=False for scratch files (the worker's job folder), where gzip costs more than it saves.
 
     All files of the format (.mhd + .zraw) are written with their final names inside a temporary
     folder beside the output, then renamed into place data first, header last: a crash or a full
@@ -263,7 +265,7 @@ def write_volume(volume: Volume, path: str | Path, array: np.ndarray | None = No
         error = None
         with quiet_native() as said:
             try:
-                sitk.WriteImage(image, str(tmp / path.name), useCompression=suffix != ".png")
+                sitk.WriteImage(image, str(tmp / path.name), useCompression=compress and suffix != ".png")
             except RuntimeError as err:
                 error = err
         if error is not None:

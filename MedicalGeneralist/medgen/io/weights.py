@@ -22,14 +22,15 @@ import re
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING
 
 from medgen.core.config import ModelConfig
 from medgen.core.errors import WeightsError
-from medgen.nn.model import InContextUNet
+
+if TYPE_CHECKING:  # torch is imported only where weights are read or written: listing the
+    import torch   # registry (the Slicer panel's model list) must not load torch into the GUI
+
+    from medgen.nn.model import InContextUNet
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -65,6 +66,8 @@ def save_checkpoint(model: InContextUNet, directory: str | Path, card_text: str)
     Each file is written beside its final name and then renamed, so that a reader (the Slicer
     module, an evaluation job) never sees a half-written checkpoint.
     """
+    from safetensors.torch import save_file
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: _float32(v) for k, v in model.state_dict().items()}
@@ -409,6 +412,10 @@ def load_model(spec: str | None = None, device: str | torch.device = "cpu",
 def _checked_model(resolved: ResolvedModel) -> InContextUNet:
     """Build the model only once the config is valid and every weight shape matches it (compared
     on the meta device, which allocates nothing); refuse NaN/Inf weights."""
+    import torch
+
+    from medgen.nn.model import InContextUNet
+
     config = _read_config(resolved.config_path)
     shapes = _file_shapes(resolved.weights_path)
     with torch.device("meta"):
@@ -503,7 +510,7 @@ def _read_config(path: Path) -> ModelConfig:
 
 def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes from the safetensors header, without reading the tensors."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -514,6 +521,9 @@ def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
