@@ -139,7 +139,8 @@ def test_protocol_start_progress_results_and_warm_reuse(mrml: Scene, record_prop
 @pytest.mark.slicer
 @pytest.mark.model
 @POSIX
-def test_cancel_mid_run_kills_the_tree_within_a_second_and_changes_nothing(mrml: Scene, tmp_path: Path) -> None:
+def test_cancel_mid_run_kills_the_tree_within_a_second_and_changes_nothing(mrml: Scene, tmp_path: Path,
+                                                                           record_property) -> None:
     psutil = pytest.importorskip("psutil")
     worker = WorkerProcess(python=_launcher(tmp_path))
     prepared = sr.prepare(_request(mrml, range_mode="whole", mode="independent"))
@@ -151,6 +152,7 @@ def test_cancel_mid_run_kills_the_tree_within_a_second_and_changes_nothing(mrml:
     assert len(family) >= 2  # launcher + Python, as with PythonSlicer
     start = time.perf_counter()
     job.cancel()
+    record_property("cancel_seconds", round(time.perf_counter() - start, 3))
     assert time.perf_counter() - start < 1.0
     assert all(_gone(psutil, p) for p in family)
     assert job.state == "cancelled" and not worker.alive
@@ -180,6 +182,19 @@ def test_a_worker_that_dies_gives_one_message_and_no_node(mrml: Scene, sig, word
     job = sr.submit(sr.prepare(_request(mrml)), worker)
     assert _wait_for(lambda: worker.alive, 5)
     job.cancel()
+
+
+def test_idle_worker_ends_itself_and_a_closed_stdin_ends_it() -> None:
+    """No orphan holding memory: after the idle time, or when Slicer (its stdin) goes away."""
+    worker = WorkerProcess(idle_exit=1.0)
+    worker.start()
+    assert worker.proc.wait(60) == 0
+    events = [e["event"] for e in worker.events()]
+    assert events[:2] == ["hello", "ready"] and events[-1] == "bye"
+    worker = WorkerProcess()
+    worker.start()
+    worker.proc.stdin.close()
+    assert worker.proc.wait(60) == 0
 
 
 def test_exit_descriptions_name_the_cause() -> None:

@@ -96,7 +96,9 @@ def kill_tree(pid: int) -> None:
                 process.kill()
             except psutil.NoSuchProcess:
                 pass
-        psutil.wait_procs(family, timeout=KILL_WAIT_S)
+        end = time.perf_counter() + KILL_WAIT_S  # until each is dead or a zombie (a grandchild's
+        while time.perf_counter() < end and not all(_dead(psutil, p) for p in family):  # zombie
+            time.sleep(0.01)  # waits for its new parent to reap it: psutil.wait_procs would hang)
         return
     if os.name == "nt":
         subprocess.run(["taskkill", "/F", "/T", "/PID", str(pid)], capture_output=True,
@@ -106,6 +108,13 @@ def kill_tree(pid: int) -> None:
             os.killpg(pid, signal.SIGKILL)  # started in its own session: its group is its tree
         except (ProcessLookupError, PermissionError):
             pass
+
+
+def _dead(psutil, process) -> bool:
+    try:
+        return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def exit_description(code: int | None) -> str:

@@ -195,11 +195,22 @@ def main(argv: list[str] | None = None) -> int:
                              "Python packages (Run offers to install them), then restart Slicer")
         return 3
     channel.send(event="ready", seconds=round(time.perf_counter() - start, 3), **engine.info())
-    threading.Thread(target=engine.warm_up, name="medgen-warm-up", daemon=True).start()
+    warm_up = threading.Thread(target=engine.warm_up, name="medgen-warm-up", daemon=True)
+    warm_up.start()
+    code = _serve(engine, channel, args.idle_exit)
+    # Leave at once, without interpreter finalisation: the warm-up thread may be inside an
+    # extension import (finalising then aborts the process), and there is nothing to clean up
+    # (every output was written and closed before its 'done' line; the OS frees GPU memory).
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _serve(engine: Engine, channel: Channel, idle_exit: float) -> int:
+    """Answer commands until quit, the end of stdin, or `idle_exit` seconds without one."""
     commands = _commands(sys.stdin.buffer)
     while True:
         try:
-            raw = commands.get(timeout=args.idle_exit or None)
+            raw = commands.get(timeout=idle_exit or None)
         except queue.Empty:
             channel.send(event="bye", reason="idle")
             return 0
