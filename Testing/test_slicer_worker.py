@@ -407,3 +407,29 @@ def test_worker_reports_out_of_memory_as_such() -> None:
     assert engine._describe(RuntimeError("MPS backend out of memory (MPS allocated: 8 GB)"))[0] == "memory"
     kind, text = engine._describe(ValueError("bad"))
     assert kind == "internal" and "ValueError: bad" in text
+
+
+# -- the Segment Editor effect through the worker --------------------------------------------
+@pytest.mark.slicer
+@pytest.mark.model
+def test_effect_runner_in_the_worker_matches_the_in_process_engine(mrml: Scene) -> None:
+    from test_slicer_effect import PAINTED, Case
+
+    from MedicalGeneralistLib import effect_logic as fx
+    from medgen.io.weights import load_model
+
+    case = Case(mrml)
+    job = fx.make_job(case.volume, case.seg, case.segment_id, device="cpu")
+    here = fx.in_process_runner(load_model(None)[0])(job, lambda f, m: None, lambda: False)
+    worker = WorkerProcess()
+    try:
+        fractions = []
+        there = sr.engine_job_runner(worker)(job, lambda f, m: fractions.append(f), lambda: False)
+        assert fractions and fractions[-1] == 1.0
+        for k in PAINTED:
+            np.testing.assert_array_equal(there[k], case.truth[k])
+        assert 2 * (here & there).sum() / (here.sum() + there.sum()) > 0.98  # same engine, other process
+        assert sr.engine_job_runner(worker)(job, lambda f, m: None, lambda: True) is None  # cancelled
+        assert not worker.alive
+    finally:
+        worker.stop()

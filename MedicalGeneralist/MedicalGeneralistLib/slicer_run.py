@@ -13,6 +13,7 @@ headless MRML scene, and Slicer's own process never loads torch.
 from __future__ import annotations
 
 import atexit
+import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -149,8 +150,12 @@ def submit(prepared: PreparedRun, worker: WorkerProcess) -> WorkerJob:
     folder = tempfile.mkdtemp(prefix="medgen-job-")
     job = jobs.Job(prepared.image, [g.examples for g in prepared.groups], prepared.options,
                    prepared.request.model, prepared.mask)
-    jobs.write_job(job, folder)
-    return worker.submit(folder)
+    try:
+        jobs.write_job(job, folder)
+        return worker.submit(folder)
+    except BaseException:  # disk full, no PythonSlicer...: leave no folder behind
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 def collect(prepared: PreparedRun, job: WorkerJob) -> RunResult:
@@ -211,6 +216,32 @@ def finish(prepared: PreparedRun, job: WorkerJob):
         job.discard()
 
 
+def engine_job_runner(worker: WorkerProcess):
+    """A Runner for the Segment Editor effect (effect_logic's seam) that computes in the worker
+    process instead of Slicer's: `progress` is called between polls (the effect may process Qt
+    events there), `cancel` kills the process. Returns the segment's voxels, or None if cancelled."""
+    from medgen.prompts import pairs_from_volumes
+
+    def run(job, progress, cancel):
+        examples = pairs_from_volumes(job.image, job.image.with_array(job.target), job.axis, list(job.slices),
+                                      "segment", job.modality, True)
+        folder = tempfile.mkdtemp(prefix="medgen-job-")
+        jobs.write_job(jobs.Job(job.image, [examples], jobs.JobOptions("segment", job.axis, job.modality, job.device),
+                                job.model), folder)
+        running = worker.submit(folder)
+        try:
+            running.wait(cancel=cancel, progress=progress)
+            if running.state == "cancelled":
+                return None
+            if running.state == "failed":
+                raise InputError(str(running.error)) if running.error.kind == "input" else running.error
+            return jobs.read_output(running.outputs[0], job.image.shape) != 0
+        finally:
+            running.discard()
+
+    return run
+
+
 _SHARED: list[WorkerProcess] = []
 
 
@@ -235,4 +266,4 @@ def process(request: RunRequest, worker: WorkerProcess | None = None, progress: 
 
 
 __all__ = ["RunRequest", "PreparedRun", "RunResult", "prepare", "submit", "collect", "write", "finish",
-           "process", "shared_worker", "RANGE_MODES"]
+           "process", "shared_worker", "engine_job_runner", "RANGE_MODES"]

@@ -40,7 +40,7 @@ class JobOptions:
     threads: int | None = None
     seed: int = 0
     adapt_steps: int = 0
-    mode: str = "propagate"  # segmentation: propagate from the labelled slices, or independent
+    mode: str = "auto"  # segmentation: auto, propagate (from the labelled slices) or independent
 
 
 @dataclass
