@@ -607,8 +607,10 @@ class MedicalGeneralistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             node = slicer_run.finish(prepared, run)
             self._show(node)
             seconds = run.seconds.get("total")
+            estimates = slicer_run.report_lines(prepared, run)
             self.ui.statusLabel.text = _("Done in {seconds:.1f} s: results are in '{name}'.").format(
-                seconds=seconds or 0.0, name=node.GetName())
+                seconds=seconds or 0.0, name=node.GetName()) + "".join("\n" + line for line in estimates)
+            self._log(estimates)
 
     @staticmethod
     def _show(node) -> None:
@@ -631,9 +633,10 @@ class MedicalGeneralistLogic(ScriptedLoadableModuleLogic):
     The engine runs in its own process (see `worker`); this process never imports torch.
     """
 
+    _shared_worker = None  # one warm engine process per Slicer session: the module and the effect share it
+
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self._worker = None
 
     def getParameterNode(self):
         return MedicalGeneralistParameterNode(super().getParameterNode())
@@ -675,12 +678,18 @@ class MedicalGeneralistLogic(ScriptedLoadableModuleLogic):
             mask_segmentation=p.maskSegmentation if p.task == "inpaint" else None)
 
     def worker(self):
-        """The engine process, started on the first run and kept warm (imports, model) after it."""
-        if self._worker is None:
+        """The engine process, started on the first run and kept warm (imports, model) after it;
+        shared by every Logic instance and the Segment Editor effect, so one process holds one
+        copy of the model."""
+        return MedicalGeneralistLogic.sharedWorker()
+
+    @classmethod
+    def sharedWorker(cls):
+        if cls._shared_worker is None:
             from MedicalGeneralistLib.worker_client import WorkerProcess
 
-            self._worker = WorkerProcess(*self.workerCommand())
-        return self._worker
+            cls._shared_worker = WorkerProcess(*cls.workerCommand())
+        return cls._shared_worker
 
     @staticmethod
     def workerCommand():
@@ -693,7 +702,8 @@ class MedicalGeneralistLogic(ScriptedLoadableModuleLogic):
 
     def engineInfo(self) -> dict:
         """What the engine process said when it started (torch version, CUDA); {} before that."""
-        return dict(self._worker.info) if self._worker is not None else {}
+        worker = MedicalGeneralistLogic._shared_worker
+        return dict(worker.info) if worker is not None else {}
 
     def startRun(self, request):
         """Read the scene now (main thread), hand the job to the engine process; returns at once
@@ -705,9 +715,9 @@ class MedicalGeneralistLogic(ScriptedLoadableModuleLogic):
 
     def shutdown(self) -> None:
         """Stop the engine process (frees its memory, GPU included); the next run starts it again."""
-        if self._worker is not None:
-            self._worker.stop()
-            self._worker = None
+        if MedicalGeneralistLogic._shared_worker is not None:
+            MedicalGeneralistLogic._shared_worker.stop()
+            MedicalGeneralistLogic._shared_worker = None
 
     @staticmethod
     def write(prepared, result):

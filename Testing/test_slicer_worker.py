@@ -117,6 +117,11 @@ def test_protocol_start_progress_results_and_warm_reuse(mrml: Scene, record_prop
             assert fractions == sorted(fractions) and job.fraction == 1.0
             assert not job.folder.exists()  # inputs and outputs removed once written
             assert io.segment_names(node) == NAMES
+            # the self-check's lines come back named after the segments, with the chosen method
+            # and its leave-one-out estimate from the two labelled slices
+            lines = sr.report_lines(prepared, job)
+            assert [line.split(":")[0] for line in lines] == NAMES, lines
+            assert all("estimated Dice" in line and "from 2 labelled slices" in line for line in lines), lines
         assert worker.info["torch"] and "cuda" in worker.info  # the 'ready' event
         assert pids[0] == pids[1] and worker.alive  # the second run reused the warm process
         assert any(m not in ("starting the model process", "loading the engine", "queued") for m in messages)

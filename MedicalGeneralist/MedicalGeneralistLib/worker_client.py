@@ -288,6 +288,7 @@ class WorkerJob:
         self.state = "running"
         self.fraction, self.message = 0.0, "starting the model process" if not worker.info else "queued"
         self.outputs: list[Path] = []
+        self.report: list[list[str]] = []  # per example group, the self-check's lines: method, estimate
         self.error: WorkerError | None = None
         self.log: list[str] = []  # lines for the log panel, taken by the caller
         self.submitted = time.perf_counter()
@@ -331,6 +332,8 @@ class WorkerJob:
             self.outputs = [self.folder / name for name in event["outputs"]]
             self.seconds.update(worker=event.get("seconds"), total=time.perf_counter() - self.submitted)
             self.fraction, self.message, self.state = 1.0, "done", "done"
+            self.report = [list(group) for group in event.get("report") or []]
+            self.log += [f"self-check: {line}" for group in self.report for line in group]
             self.log.append(f"run finished in {event.get('seconds')} s in the engine")
         elif kind == "error":
             self.error = WorkerError(event["message"], event.get("kind", "internal"), event.get("details", ""))

@@ -115,9 +115,9 @@ class Engine:
         start = time.perf_counter()
         progress = _Progress(channel, job_id)
         try:
-            outputs, model_seconds = self._run(Path(message["folder"]), progress)
+            outputs, model_seconds, report = self._run(Path(message["folder"]), progress)
             channel.send(event="done", id=job_id, outputs=outputs, seconds=round(time.perf_counter() - start, 3),
-                         model_seconds=model_seconds)
+                         model_seconds=model_seconds, report=report)
         except MedGenError as error:
             channel.send(event="error", id=job_id, kind="input", message=str(error), details="")
         except BaseException as error:  # reported, never fatal: the process stays warm
@@ -128,8 +128,9 @@ class Engine:
         finally:
             self.release()
 
-    def _run(self, folder: Path, progress) -> tuple[list[str], float]:
-        from medgen.infer.pipeline import RunOptions, run
+    def _run(self, folder: Path, progress) -> tuple[list[str], float, list[list[str]]]:
+        """(output file names, seconds to get the model, the self-check's lines of each group)."""
+        from medgen.infer.pipeline import RunOptions, run_with_report
         from medgen.infer.segment import SegmentSettings
         from medgen.io import jobs
 
@@ -141,14 +142,15 @@ class Engine:
         o = job.options
         options = RunOptions(o.task, o.axis, o.modality, o.device, o.threads, o.seed, o.adapt_steps,
                              segment=SegmentSettings(mode=o.mode))
-        outputs = []
+        outputs, lines = [], []
         for g, examples in enumerate(job.groups):
             report = lambda f, m, g=g: progress((g + f) / len(job.groups), m)
-            out = run(model, job.image, examples, options, mask=job.mask, progress=report)
-            if out is None:  # only a cancel callback returns None, and there is none here
+            result = run_with_report(model, job.image, examples, options, mask=job.mask, progress=report)
+            if result is None:  # only a cancel callback returns None, and there is none here
                 raise RuntimeError("the engine stopped without a result")
-            outputs.append(jobs.write_output(folder, g, job.image, out.array).name)
-        return outputs, model_seconds
+            outputs.append(jobs.write_output(folder, g, job.image, result.volume.array).name)
+            lines.append(result.report.lines())
+        return outputs, model_seconds, lines
 
     def _describe(self, error: BaseException) -> tuple[str, str]:
         oom = tuple(t for t in (getattr(self.torch, "OutOfMemoryError", None),

@@ -67,9 +67,13 @@ area, intensity range and overwrite settings apply). The painted slices are kept
     def fill(self):
         """The effect's logic (kept across Initialize/Update: the model stays loaded)."""
         if self._fill is None:
-            from MedicalGeneralistLib import effect_logic
+            from MedicalGeneralist import MedicalGeneralistLogic
+            from MedicalGeneralistLib import effect_logic, slicer_run
 
-            self._fill = effect_logic.FillFromExamples(effect_logic.default_runner())
+            # the engine runs in the module's warm process (never in Slicer's): a crash or an
+            # out-of-memory there is one message, and Slicer stays up
+            runner = slicer_run.engine_job_runner(MedicalGeneralistLogic.sharedWorker())
+            self._fill = effect_logic.FillFromExamples(runner)
         return self._fill
 
     # -- options panel --------------------------------------------------------------------------
