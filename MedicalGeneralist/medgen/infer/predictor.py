@@ -78,9 +78,10 @@ class Predictor:
             sl = slice(i, i + step)
             prior = None if priors is None else self._tensor(priors[sl, None])
             pv = None if valid is None else self._tensor(valid[sl, None])
+            # one chunk for all: the cache as it is (indexing would copy every pair's features)
+            run = cache if step >= b else cache.index(list(range(i, min(i + step, b))))
             with autocast(self.device):
-                y = self.model.predict(self._tensor(queries[sl, None]), cache.index(list(range(i, min(i + step, b)))),
-                                       prior, pv)[head]
+                y = self.model.predict(self._tensor(queries[sl, None]), run, prior, pv)[head]
             y = torch.sigmoid(y) if head == "seg" else y
             out.append(y.float()[:, 0].cpu().numpy())
         return np.concatenate(out)
