@@ -85,7 +85,10 @@ def backend(preference: tuple[str, ...] | None = None) -> str:
 
 
 def available() -> bool:
-    """Whether fill between slices can run (always, since the distance backend needs no ITK)."""
+    """Whether fill between slices can run (without importing ITK when the distance backend,
+    which needs none, is among the choices)."""
+    if "distance" in PREFERENCE:
+        return True
     try:
         backend()
         return True

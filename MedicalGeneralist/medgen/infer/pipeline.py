@@ -27,6 +27,7 @@ from medgen.infer.segment import SegmentSettings, VolumeSegmenter, combine_label
 from medgen.core.volume import Volume, slice_view
 
 Progress = Callable[[float, str], None]
+LABEL_PASS_BYTES = 1 << 30
 
 
 @dataclass
@@ -151,8 +152,11 @@ def _segment(model, device, image, examples, options, progress, cancel) -> np.nd
     predictor = Predictor(_adapted(model, device, examples, options, in_volume, cancel), device, cancel)
     best = np.zeros(slices.shape, np.float16)
     out = np.zeros(slices.shape, label_dtype(labels))
-    per_label = slices[0].size * slices.shape[0] * 6  # float32 probabilities + fill prior + stack
-    chunk = max(1, min(len(labels), int(free_bytes(torch.device("cpu")) * 0.3 // per_label)))
+    # labels per pass: their float32 probabilities (+ fill prior and its stack) fit in a fixed
+    # budget, so peak memory grows with the volume once, not once per label (nor with free RAM)
+    per_label = slices[0].size * slices.shape[0] * 6
+    budget = min(free_bytes(torch.device("cpu")) * 0.3, LABEL_PASS_BYTES)
+    chunk = max(1, min(len(labels), int(budget // per_label)))
     for i in range(0, len(labels), chunk):
         part = labels[i:i + chunk]
         sub = lambda f, msg, i=i: progress((i + f * len(part)) / len(labels), msg)

@@ -17,6 +17,7 @@ from medgen.core.errors import Cancelled
 from medgen.nn.model import ContextCache, InContextUNet
 
 CancelFn = Callable[[], bool]
+CPU_PASS_BYTES = 2 << 30  # by the (generous) estimate of chunk_size: 8 query slices with 10 pairs
 
 
 def stack_caches(caches: list[ContextCache]) -> ContextCache:
@@ -48,6 +49,8 @@ class Predictor:
         """Items per forward pass: a rough activation estimate against free memory."""
         per_item = size * size * 4 * (sum(self.model.config.channels) * 8 + 2 * k * self.model.config.channels[1])
         limit = batch_limit(per_item, self.device)
+        if self.device.type == "cpu":  # a CPU is as fast with a few items per pass: bound the memory
+            limit = max(1, min(limit, CPU_PASS_BYTES // per_item))
         return min(limit, self.max_batch) if self.max_batch else limit
 
     @torch.inference_mode()

@@ -23,10 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m medgen_dev.bench.denoise_start")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--distances", default="6,4,3")
+    ap.add_argument("--case", default="", help="only cases whose name contains this")
     args = ap.parse_args(argv)
     cfg = load_config(None, args.quick)
     model = load_model(None)[0]
-    cases = [c for c in cfg.image_cases if c.task == "denoise"]
+    cases = [c for c in cfg.image_cases if c.task == "denoise" and args.case in c.name]
     timed = imagetasks.classical_denoise
     print("| case | search window | PSNR ours (dB) | NL-means start s/slice |\n|---|---|---|---|")
     for case in cases:
