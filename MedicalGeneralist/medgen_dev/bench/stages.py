@@ -41,14 +41,13 @@ def _wrap(module, name: str, bucket: dict, key: str) -> None:
     setattr(module, name, timed)
 
 
-def child(folder: str, task: str, warm: bool) -> dict:
+def child(folder: str, task: str, warm: bool, method: str = "auto") -> dict:
     """The timed body of one `medgen run`-like process."""
     times = dict.fromkeys(STAGES, 0.0)
     t = time.perf_counter()
-    from medgen.commands import _write_atomically
     from medgen.core.intensity import guess_modality
     from medgen.infer import imagetasks, interpolate, pipeline, predictor, segment
-    from medgen.io.images import read_volume
+    from medgen.io.images import read_volume, write_volume
     from medgen.io.weights import load_model
     from medgen.prompts import examples_from_files, parse_slices
     times["imports"] = time.perf_counter() - t
@@ -83,14 +82,14 @@ def child(folder: str, task: str, warm: bool) -> dict:
     for _ in range(2 if warm else 1):
         inner.update(dict.fromkeys(inner, 0.0))
         t = time.perf_counter()
-        result = pipeline.run(model, image, examples, pipeline.RunOptions(task, 0, modality))
+        result = pipeline.run(model, image, examples, pipeline.RunOptions(task, 0, modality, method=method))
         engine = time.perf_counter() - t
         runs.append({"engine": engine, **inner})
     first = runs[0]
     times.update({k: first[k] for k in inner})
     times["engine other"] = first["engine"] - sum(first[k] for k in inner)
     t = time.perf_counter()
-    _write_atomically(result, folder / "out.nii.gz")
+    write_volume(result, folder / "out.nii.gz")
     times["writing"] = time.perf_counter() - t
     out = {"stages": times, "runs": runs, "peak_rss_mb": _peak_mb()}
     return out
@@ -123,11 +122,12 @@ def prepare(folder: Path, shape: tuple[int, int, int], labels: int, task: str) -
     (folder / "meta.json").write_text(json.dumps({"slices": ",".join(map(str, slices))}))
 
 
-def measure(shape: tuple[int, int, int], labels: int = 1, task: str = "segment", warm: bool = False) -> dict:
+def measure(shape: tuple[int, int, int], labels: int = 1, task: str = "segment", warm: bool = False,
+            method: str = "auto") -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         prepare(Path(tmp), shape, labels, task)
         code = (f"import json; from medgen_dev.bench.stages import child; "
-                f"print(json.dumps(child({tmp!r}, {task!r}, {warm})))")
+                f"print(json.dumps(child({tmp!r}, {task!r}, {warm}, {method!r})))")
         t = time.perf_counter()
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                              env=dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE")))
@@ -153,10 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--labels", type=int, default=1)
     ap.add_argument("--task", default="segment", choices=["segment", "denoise"])
     ap.add_argument("--warm", action="store_true")
+    ap.add_argument("--method", default="auto", help="the run's method (auto = with the self-check)")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args(argv)
     shape = tuple(int(v) for v in args.shape.split("x"))
-    r = measure(shape, args.labels, args.task, args.warm)
+    r = measure(shape, args.labels, args.task, args.warm, args.method)
     print(table(r))
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=1))
