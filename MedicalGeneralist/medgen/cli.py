@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="run the shipped demo (no network, no shared data needed)")
     d.add_argument("--out", default="medgen-demo", help="output folder (default: ./medgen-demo)")
     d.add_argument("--device", default="auto")
+    b = sub.add_parser("batch", help="run many cases from a CSV/JSON manifest (resumable; shard with "
+                       "torchrun): see `medgen batch --help`", add_help=False)
+    b.add_argument("rest", nargs=argparse.REMAINDER)
     for name, (_module, text) in DEV_COMMANDS.items():
         dev = sub.add_parser(name, help=text + " (developer command: needs a checkout)", add_help=False)
         dev.add_argument("rest", nargs=argparse.REMAINDER)
@@ -122,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in DEV_COMMANDS:
         return _dev_command(argv[0], argv[1:])
+    if argv and argv[0] == "batch":
+        return _guarded(lambda: __import__("medgen.batch", fromlist=["main"]).main(argv[1:]))
     args = build_parser().parse_args(argv)
     _SIGINTS.clear()
     previous = signal.getsignal(signal.SIGINT)
@@ -156,6 +161,18 @@ def _command(args: argparse.Namespace) -> int:
         run_demo(Path(args.out), device=args.device)
         return 0
     return EXIT_USAGE
+
+
+def _guarded(command) -> int:
+    """A user error is one line and exit 2, as for `run`."""
+    try:
+        return command()
+    except MedGenError as err:
+        print(f"medgen: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("medgen: interrupted (finished cases are in the journal)", file=sys.stderr)
+        return 130
 
 
 def _dev_command(name: str, rest: list[str]) -> int:

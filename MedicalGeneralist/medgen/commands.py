@@ -23,7 +23,9 @@ from medgen.core.volume import parse_axis
 from medgen.io.weights import download_model, list_models, load_model, verify_all, verify_model
 
 
-def run_command(args: argparse.Namespace) -> int:
+def run_command(args: argparse.Namespace, models: dict | None = None) -> int:
+    """One `medgen run`. `models` (model spec -> (model, info)) lets `medgen batch` load each model
+    once per process; the run itself never changes the model (adaptation tunes a copy)."""
     out = check_writable(args.out)
     _check_not_an_input(out, args)
     report_path = _check_report(args.report) if getattr(args, "report", None) else None
@@ -50,7 +52,10 @@ def run_command(args: argparse.Namespace) -> int:
         examples = inpaint_self_examples(image, mask, axis, modality)
     mode = segment_mode(args.mode, image, examples) if args.task == "segment" else None
     check_method(args.task, method)
-    model, info = load_model(args.model, device="cpu")
+    models = {} if models is None else models
+    if args.model not in models:
+        models[args.model] = load_model(args.model, device="cpu")
+    model, info = models[args.model]
     options = RunOptions(args.task, axis, modality, args.device, args.threads, args.seed,
                          args.adapt_steps, segment=SegmentSettings(mode=mode or "auto"), method=method)
     if not args.quiet:

@@ -27,6 +27,7 @@ from medgen.infer.segment import SegmentSettings, VolumeSegmenter, combine_label
 from medgen.core.volume import Volume, slice_view
 
 Progress = Callable[[float, str], None]
+LABEL_PASS_BYTES = 1 << 30
 
 
 @dataclass
@@ -151,8 +152,11 @@ def _segment(model, device, image, examples, options, progress, cancel) -> np.nd
     predictor = Predictor(_adapted(model, device, examples, options, in_volume, cancel), device, cancel)
     best = np.zeros(slices.shape, np.float16)
     out = np.zeros(slices.shape, label_dtype(labels))
+    # labels per pass: their float32 probabilities (+ fill prior and its stack) fit in a fixed
+    # budget, so peak memory grows with the volume once, not once per label (nor with free RAM)
     per_label = slices[0].size * slices.shape[0] * 6
-    chunk = max(1, min(len(labels), int(free_bytes(torch.device("cpu")) * 0.3 // per_label)))
+    budget = min(free_bytes(torch.device("cpu")) * 0.3, LABEL_PASS_BYTES)
+    chunk = max(1, min(len(labels), int(budget // per_label)))
     for i in range(0, len(labels), chunk):
         part = labels[i:i + chunk]
         sub = lambda f, msg, i=i: progress((i + f * len(part)) / len(labels), msg)
@@ -160,10 +164,13 @@ def _segment(model, device, image, examples, options, progress, cancel) -> np.nd
                               task=t, modality=m, in_volume=in_volume, settings=options.segment,
                               progress=sub, thickness=image.slice_thickness(options.axis))
         probs = seg.propagate() if mode == "propagate" else seg.independent()
-        top = probs.max(0)
-        better = (top > best) & (top >= options.segment.threshold)
-        out[better] = combine_labels(probs, part, options.segment.threshold)[better]
-        best = np.maximum(best, top)
+        for s in range(probs.shape[1]):  # slice by slice: the overlap rule's temporaries stay small
+            p = probs[:, s].astype(np.float16)
+            top = p.max(0)
+            better = (top > best[s]) & (top >= options.segment.threshold)
+            if better.any():
+                out[s][better] = combine_labels(p, part, options.segment.threshold)[better]
+            best[s] = np.maximum(best[s], top)
         del probs
     for e in examples:
         if e.slice_index is not None:

@@ -17,6 +17,7 @@ from medgen.core.errors import Cancelled
 from medgen.nn.model import ContextCache, InContextUNet
 
 CancelFn = Callable[[], bool]
+CPU_PASS_BYTES = 2 << 30  # by the (generous) estimate of chunk_size: 8 query slices with 10 pairs
 
 
 def stack_caches(caches: list[ContextCache]) -> ContextCache:
@@ -48,6 +49,8 @@ class Predictor:
         """Items per forward pass: a rough activation estimate against free memory."""
         per_item = size * size * 4 * (sum(self.model.config.channels) * 8 + 2 * k * self.model.config.channels[1])
         limit = batch_limit(per_item, self.device)
+        if self.device.type == "cpu":  # a CPU is as fast with a few items per pass: bound the memory
+            limit = max(1, min(limit, CPU_PASS_BYTES // per_item))
         return min(limit, self.max_batch) if self.max_batch else limit
 
     @torch.inference_mode()
@@ -78,9 +81,10 @@ class Predictor:
             sl = slice(i, i + step)
             prior = None if priors is None else self._tensor(priors[sl, None])
             pv = None if valid is None else self._tensor(valid[sl, None])
+            # one chunk for all: the cache as it is (indexing would copy every pair's features)
+            run = cache if step >= b else cache.index(list(range(i, min(i + step, b))))
             with autocast(self.device):
-                y = self.model.predict(self._tensor(queries[sl, None]), cache.index(list(range(i, min(i + step, b)))),
-                                       prior, pv)[head]
+                y = self.model.predict(self._tensor(queries[sl, None]), run, prior, pv)[head]
             y = torch.sigmoid(y) if head == "seg" else y
             out.append(y.float()[:, 0].cpu().numpy())
         return np.concatenate(out)

@@ -228,12 +228,15 @@ class VolumeSegmenter:
             chains = [c for c in chains if not (c.stops and (c.empties >= self.settings.stop_after_empty
                                                              or t >= c.max_steps))]
             self.progress(min(done / total, 1.0), f"propagating: step {t}, {len(chains)} active")
-        return (acc / np.maximum(wsum, 1e-6)[..., None, None]).astype(np.float16)
+        for li in range(acc.shape[0]):  # in place, slice by slice: no second full-volume copy
+            for s in np.nonzero(wsum[li] > 0)[0]:
+                acc[li, s] /= wsum[li, s]
+        return acc
 
     def _predict_chunk(self, chains: list[Chain], q: np.ndarray, prior: np.ndarray) -> np.ndarray:
         """One memory-sized group of chains: their context (prompt + memory) is gathered here,
         per group, so the copy never spans all chains at once (memory flat in the chain count)."""
-        cache = self.cache.index([c.label for c in chains])
+        cache = _runs(self.cache, [c.label for c in chains])
         if chains[0].memory:
             cache = cache.cat(stack_caches([_cat_pairs(c.memory) for c in chains]))
         return self.predictor.predict(q, cache, "seg", prior if self.settings.prior else None,
@@ -288,6 +291,18 @@ def keep_connected(prob: np.ndarray, previous: np.ndarray, threshold: float) -> 
     near = ndimage.binary_dilation(previous, iterations=3)
     keep = np.unique(blobs[near & mask])
     return np.where(np.isin(blobs, keep[keep > 0]) | ~mask, prob, np.minimum(prob, threshold * 0.99))
+
+
+def _runs(cache: ContextCache, labels: list[int]) -> ContextCache:
+    """The prompt's runs for these chains. When they all share one label (the usual single-
+    structure case) the run is broadcast, not copied once per chain: the concatenation with the
+    chains' memory that follows makes the one copy the model needs."""
+    if len(set(labels)) > 1:
+        return cache.index(labels)
+    one, n = cache.index(labels[:1]), len(labels)
+    grow = lambda t: t.expand(n, *t.shape[1:])
+    return ContextCache({l: grow(v) for l, v in one.levels.items()}, grow(one.tokens), grow(one.pooled),
+                        grow(one.task), grow(one.modality))
 
 
 def _cat_pairs(caches: list[ContextCache]) -> ContextCache:

@@ -29,9 +29,10 @@ def copy_nearest(labels: np.ndarray, given: list[int]) -> np.ndarray:
 def fill_between_slices(labels: np.ndarray, given: list[int]) -> np.ndarray:
     """ITK's MorphologicalContourInterpolator (Slicer's "Fill between slices"), default settings,
     along the slice axis (interpolate.py; the model's own prior between labelled slices)."""
-    from medgen.infer.interpolate import fill_between_slices as fill
+    from medgen.infer import interpolate
 
-    return fill(labels > 0, given)
+    return interpolate.fill_between_slices(labels > 0, given,
+                                           backend_name=interpolate.backend(interpolate.SLICER))
 
 
 # -- cross-subject 2D ------------------------------------------------------------------------------
