@@ -192,3 +192,21 @@ def test_bad_method_and_report_path_exit_2_and_write_nothing(lung_files) -> None
     wrong = _medgen(*base, "--report", str(folder / "report.txt"))
     assert wrong.returncode == 2 and "give a path ending in .json" in wrong.stderr
     assert not out.exists() and not (folder / "report.txt").exists()
+
+
+def test_registration_stopped_at_the_hidden_slice_gives_the_same_answer_there(shared_data: Path) -> None:
+    """The self-check's folds only need the hidden slice: chains stop there (half the demons
+    registrations between two labelled slices), and the answer at that slice is unchanged."""
+    from medgen.core.intensity import fit_normalizer
+    from medgen.infer.classical import registration_propagate
+    from medgen.io.images import read_volume
+
+    image = read_volume(shared_data / "pyradiomics" / "lung2_image.nrrd")
+    label = read_volume(shared_data / "pyradiomics" / "lung2_label.nrrd", label=True).array[12:28] > 0
+    slices = fit_normalizer(image.array, "ct", clip=True)(image.array[12:28].astype(np.float32))
+    given = {4: label[4], 12: label[12]}
+    for hidden in (5, 8, 11, 14, 1):  # between the two, and beyond each end
+        full = registration_propagate(slices, given, image.slice_spacing(0))[hidden]
+        stopped = registration_propagate(slices, given, image.slice_spacing(0), stop_at=hidden)[hidden]
+        np.testing.assert_array_equal(full, stopped)
+        assert full.any()

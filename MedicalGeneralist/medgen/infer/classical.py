@@ -30,14 +30,17 @@ def nearest_copy(labels: np.ndarray, given: list[int]) -> np.ndarray:
 
 def registration_propagate(slices: np.ndarray, given: dict[int, np.ndarray],
                            spacing: tuple[float, float], iterations: int = 40,
-                           parts: tuple[str, ...] = ("between", "beyond")) -> np.ndarray:
+                           parts: tuple[str, ...] = ("between", "beyond"),
+                           stop_at: int | None = None) -> np.ndarray:
     """Slice-to-slice deformable registration (SimpleITK fast symmetric forces demons) carries each
     labelled slice's mask outward, slice by slice; between two labelled slices both directions run
     and are blended linearly by distance. Open ends stop when the carried mask vanishes.
     Registration runs on a box around the labels with a margin (whole 512^2 CT slices would only
     add background to match). `slices` should be normalised (the demons force assumes it).
     `parts` limits the work to the chains between the labelled slices and/or beyond them (the
-    self-check may use registration for one of the two only)."""
+    self-check may use registration for one of the two only). `stop_at`: only that slice's answer
+    is wanted (the self-check's hidden slice): chains stop there, which gives the same answer at
+    that slice for half the registrations."""
     import SimpleITK as sitk
 
     n = slices.shape[0]
@@ -52,13 +55,15 @@ def registration_propagate(slices: np.ndarray, given: dict[int, np.ndarray],
     for origin, step, end, span in _chains(idx, n):
         if ("beyond" if span is None else "between") not in parts:
             continue
+        if stop_at is not None and not min(origin, end) < stop_at < max(origin, end):
+            continue
         mask = given[origin][box[0], box[1]].astype(np.float32)
         for s in range(origin + step, end, step):
             mask = (_warp(demons, crops[s], crops[s - step], mask, spacing) >= 0.5).astype(np.float32)
             w = 1.0 if span is None else max(1e-3, 1 - abs(s - origin) / span)
             acc[s] += w * mask
             wsum[s] += w
-            if span is None and mask.max() < 0.5:
+            if span is None and mask.max() < 0.5 or s == stop_at:
                 break
     out = np.zeros(slices.shape, bool)
     out[:, box[0], box[1]] = acc / np.maximum(wsum, 1e-6)[:, None, None] >= 0.5

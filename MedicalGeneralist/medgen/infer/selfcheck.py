@@ -217,11 +217,15 @@ def _fold_predictions(ctx: SegmentContext, own: dict[int, Example], h: int, lo: 
         preds = {"model": probs[li, h - lo] >= ctx.threshold}
         if with_v:
             normed = ctx.reg_norm(stack) if normed is None else normed
-            preds["registration"] = classical.registration_propagate(normed, with_v, ctx.spacing)[h - lo]
+            preds["registration"] = classical.registration_propagate(normed, with_v, ctx.spacing,
+                                                                     stop_at=h - lo)[h - lo]
         else:
             preds["registration"] = np.zeros(stack.shape[1:], bool)
         preds["nearest"] = _nearest_at(known, h - lo)
-        preds["fill"] = _fill_at(with_v, h - lo, stack.shape)
+        # score the fill the run would use: the run picks its backend from the label's labelled
+        # slice count (interpolate.DENSE), not from the two the fold happens to see
+        dense = sum(np.any(e.target == v) for e in own.values()) >= interpolate.DENSE
+        preds["fill"] = _fill_at(with_v, h - lo, stack.shape, "distance" if dense else None)
         out[v] = preds
         if ctx.cancel():
             raise Cancelled("cancelled by the user; nothing was written")
@@ -236,16 +240,17 @@ def _nearest_at(known: dict[int, np.ndarray], s: int) -> np.ndarray:
     return classical.nearest_copy(full, idx)[s]
 
 
-def _fill_at(with_v: dict[int, np.ndarray], s: int, shape: tuple[int, ...]) -> np.ndarray:
+def _fill_at(with_v: dict[int, np.ndarray], s: int, shape: tuple[int, ...],
+             backend_name: str | None = None) -> np.ndarray:
     """Fill between slices at s (empty where it cannot apply: fewer than two slices, outside)."""
     idx = sorted(with_v)
-    if len(idx) < 2 or not idx[0] < s < idx[-1] or not interpolate.available():
+    if len(idx) < 2 or not idx[0] < s < idx[-1] or (backend_name is None and not interpolate.available()):
         return np.zeros(shape[1:], bool)
     stack = np.zeros(shape, bool)
     for i in idx:
         stack[i] = with_v[i]
     try:
-        return interpolate.fill_between_slices(stack, idx)[s]
+        return interpolate.fill_between_slices(stack, idx, backend_name=backend_name)[s]
     except RuntimeError:  # ITK refused this structure
         return np.zeros(shape[1:], bool)
 
