@@ -16,7 +16,7 @@ import pytest
 from test_slicer_scene import T1, TISSUE, Scene, mrml, oblique_ijk_to_ras, slicer, vtk  # noqa: F401
 
 from MedicalGeneralistLib import effect_logic as fx  # noqa: E402
-from MedicalGeneralistLib import slicer_io as io  # noqa: E402
+from MedicalGeneralistLib import slicer_io  # noqa: E402
 from medgen.core.errors import InputError  # noqa: E402
 
 pytestmark = pytest.mark.slicer
@@ -55,7 +55,7 @@ class Case:
         self.mrml = mrml
         self.volume = mrml.load_volume(T1, "t1")
         self.seg = mrml.tissue_segmentation(self.volume)
-        self.truth = io.segment_masks(self.seg, ["white matter"], self.volume)["white matter"]
+        self.truth = slicer_io.segment_masks(self.seg, ["white matter"], self.volume)["white matter"]
         self.painted = np.zeros_like(self.truth)
         self.painted[list(PAINTED)] = self.truth[list(PAINTED)]
         self.segment_id = self.seg.GetSegmentation().AddEmptySegment("", "structure", [0.2, 0.8, 0.3])
@@ -67,8 +67,8 @@ class Case:
 
     def mask(self, name: str | None = None) -> np.ndarray:
         if name is None:
-            return io.segment_mask(self.seg, self.segment_id, self.volume)
-        return io.segment_masks(self.seg, [name], self.volume)[name]
+            return slicer_io.segment_mask(self.seg, self.segment_id, self.volume)
+        return slicer_io.segment_masks(self.seg, [name], self.volume)[name]
 
 
 class AnswerRunner:
@@ -120,7 +120,7 @@ def test_preview_then_apply_writes_the_selected_segment_with_undo(case: Case) ->
     grey_before = case.mask("grey matter")
     preview = effect.preview(case.editor.node)
     assert fx.preview_node(case.editor.node) is preview and preview is not case.seg
-    np.testing.assert_array_equal(io.segment_mask(preview, preview.GetSegmentation().GetNthSegmentID(0), case.volume),
+    np.testing.assert_array_equal(slicer_io.segment_mask(preview, preview.GetSegmentation().GetNthSegmentID(0), case.volume),
                                   case.truth)
     assert preview.GetSegmentation().GetNthSegment(0).GetColor() == pytest.approx((0.2, 0.8, 0.3))
     np.testing.assert_array_equal(case.mask(), case.painted)  # the preview changes nothing yet
@@ -234,7 +234,7 @@ def test_fill_from_three_painted_slices_with_the_shipped_model(case: Case, model
     effect = fx.FillFromExamples(fx.in_process_runner(model))
     messages = []
     preview = effect.preview(case.editor.node, device="cpu", progress=lambda f, m: messages.append(f))
-    result = io.segment_mask(preview, preview.GetSegmentation().GetNthSegmentID(0), case.volume)
+    result = slicer_io.segment_mask(preview, preview.GetSegmentation().GetNthSegmentID(0), case.volume)
     for k in PAINTED:
         np.testing.assert_array_equal(result[k], case.truth[k])
     span = slice(PAINTED[0], PAINTED[-1] + 1)
@@ -267,16 +267,16 @@ def test_show_keeps_the_standard_orientation(mrml: Scene, axis: int, name: str, 
     index = {0: 7, 1: 12, 2: 25}[axis]
     for view in (mrml.slice_node("Red"), slicer.vtkMRMLSliceNode()):  # in a layout, and bare
         view.SetLayoutName(view.GetLayoutName() or "Yellow")
-        io.show_slice(view, volume, axis, index)
+        slicer_io.show_slice(view, volume, axis, index)
         assert view.GetOrientation() == name
-        np.testing.assert_allclose(io.matrix_to_array(view.GetSliceToRAS())[:3, :3], _preset(name), atol=1e-9)
-        assert io.slice_axis_index(view, volume) == (axis, index)
+        np.testing.assert_allclose(slicer_io.matrix_to_array(view.GetSliceToRAS())[:3, :3], _preset(name), atol=1e-9)
+        assert slicer_io.slice_axis_index(view, volume) == (axis, index)
 
 
 def test_show_on_an_oblique_volume_aligns_with_its_voxels(mrml: Scene) -> None:
     volume = mrml.add_volume(np.zeros((12, 15, 18), np.float32), oblique_ijk_to_ras(), "oblique")
     view = mrml.slice_node("Red")
-    io.show_slice(view, volume, 0, 4)
-    assert io.slice_axis_index(view, volume) == (0, 4)
-    normal = io.matrix_to_array(view.GetSliceToRAS())[:3, 2]
+    slicer_io.show_slice(view, volume, 0, 4)
+    assert slicer_io.slice_axis_index(view, volume) == (0, 4)
+    normal = slicer_io.matrix_to_array(view.GetSliceToRAS())[:3, 2]
     assert normal @ _preset("Axial")[:, 2] > 0  # the preset's side, not the reversed normal

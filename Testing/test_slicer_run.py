@@ -17,7 +17,7 @@ import pytest
 from test_slicer_scene import T1, TISSUE, Scene, mrml, slicer  # noqa: F401
 
 pytest.importorskip("torch")
-from MedicalGeneralistLib import slicer_io as io  # noqa: E402
+from MedicalGeneralistLib import slicer_io  # noqa: E402
 from MedicalGeneralistLib import slicer_run as sr  # noqa: E402
 from MedicalGeneralistLib.worker_client import WorkerProcess  # noqa: E402
 from medgen.core.errors import InputError  # noqa: E402
@@ -41,7 +41,7 @@ from medgen.metrics import dice as _dice
 def _request(mrml: Scene, **changes) -> sr.RunRequest:
     t1 = mrml.load_volume(T1, "t1")
     seg = mrml.tissue_segmentation(t1)
-    base = dict(input_volume=t1, task="segment", examples=[io.ExampleSlice(t1, 0, 36, seg), io.ExampleSlice(t1, 0, 42, seg)],
+    base = dict(input_volume=t1, task="segment", examples=[slicer_io.ExampleSlice(t1, 0, 36, seg), slicer_io.ExampleSlice(t1, 0, 42, seg)],
                 segment_names=NAMES, device="cpu", modality="mr", range_mode="around", range_slices=2)
     return sr.RunRequest(**{**base, **changes})
 
@@ -59,12 +59,12 @@ def test_process_writes_a_new_segmentation_on_the_input_grid(mrml: Scene, engine
     assert out.GetID() not in before["ids"]
     after = mrml.snapshot()["arrays"]
     assert {k: after[k] for k in before["arrays"]} == before["arrays"]  # nothing else changed
-    assert io.segment_names(out) == NAMES
-    assert io.segment_color(out, "grey matter") == pytest.approx((0.9, 0.6, 0.2))
+    assert slicer_io.segment_names(out) == NAMES
+    assert slicer_io.segment_color(out, "grey matter") == pytest.approx((0.9, 0.6, 0.2))
     assert out.GetNodeReference(out.GetReferenceImageGeometryReferenceRole()) is t1
     assert shn.GetItemParent(shn.GetItemByDataNode(out)) == folder
     assert fractions and fractions[-1] == pytest.approx(1.0) and fractions == sorted(fractions)
-    masks = io.segment_masks(out, NAMES, t1)
+    masks = slicer_io.segment_masks(out, NAMES, t1)
     tissue = read_volume(TISSUE, label=True).array
     for value, name in enumerate(NAMES, 1):
         for given in (36, 42):  # labelled slices are copied exactly
@@ -77,10 +77,10 @@ def test_process_writes_a_new_segmentation_on_the_input_grid(mrml: Scene, engine
 def test_whole_volume_propagation_from_three_slices(mrml: Scene, engine) -> None:
     t1 = mrml.load_volume(T1, "t1")
     seg = mrml.tissue_segmentation(t1)
-    request = sr.RunRequest(t1, "segment", [io.ExampleSlice(t1, 0, i, seg) for i in (24, 40, 56)], ["white matter"],
+    request = sr.RunRequest(t1, "segment", [slicer_io.ExampleSlice(t1, 0, i, seg) for i in (24, 40, 56)], ["white matter"],
                             device="cpu", modality="auto")
     out = sr.process(request, engine)
-    mask = io.segment_masks(out, ["white matter"], t1)["white matter"]
+    mask = slicer_io.segment_masks(out, ["white matter"], t1)["white matter"]
     tissue = read_volume(TISSUE, label=True).array == 2
     assert mask.shape == tissue.shape and mask[10:70].any()
     assert _dice(mask[20:60], tissue[20:60]) > 0.5
@@ -96,7 +96,7 @@ def test_results_go_into_an_existing_segmentation_without_touching_it(mrml: Scen
     after = mrml.snapshot()
     assert after["ids"] == before["ids"]  # no node added
     assert {k: v for k, v in after["arrays"].items() if k in before["arrays"]} == before["arrays"]
-    assert io.segment_names(seg) == ["grey matter", "white matter", "white matter (2)"]
+    assert slicer_io.segment_names(seg) == ["grey matter", "white matter", "white matter (2)"]
 
 
 def test_cancelled_run_leaves_the_scene_unchanged(mrml: Scene) -> None:
@@ -141,12 +141,12 @@ def test_denoise_writes_a_new_volume_with_the_input_geometry(mrml: Scene, engine
     clean = mrml.load_volume(T1, "clean")
     array = slicer.util.arrayFromVolume(clean).astype(np.float32)
     noisy_array = array + np.random.default_rng(0).normal(0, 8, array.shape).astype(np.float32)
-    noisy = mrml.add_volume(noisy_array, io.ijk_to_ras(clean), "noisy")
-    request = sr.RunRequest(noisy, "denoise", [io.ExampleSlice(noisy, 0, 40, clean)], device="cpu", modality="mr",
+    noisy = mrml.add_volume(noisy_array, slicer_io.ijk_to_ras(clean), "noisy")
+    request = sr.RunRequest(noisy, "denoise", [slicer_io.ExampleSlice(noisy, 0, 40, clean)], device="cpu", modality="mr",
                             range_mode="around", range_slices=1)
     out = sr.process(request, engine)
     assert out.IsA("vtkMRMLScalarVolumeNode") and out.GetName() == "noisy denoised"
-    np.testing.assert_allclose(io.ijk_to_ras(out), io.ijk_to_ras(noisy))
+    np.testing.assert_allclose(slicer_io.ijk_to_ras(out), slicer_io.ijk_to_ras(noisy))
     result = slicer.util.arrayFromVolume(out)
     np.testing.assert_array_equal(result[:39], noisy_array[:39])  # outside the range: the input as is
     assert result.shape == noisy_array.shape and np.isfinite(result).all()
@@ -155,10 +155,10 @@ def test_denoise_writes_a_new_volume_with_the_input_geometry(mrml: Scene, engine
 
 def test_inpaint_without_examples_uses_the_mask(mrml: Scene, engine) -> None:
     t1 = mrml.load_volume(T1, "t1")
-    holes = io.new_segmentation_node(t1, "holes")
+    holes = slicer_io.new_segmentation_node(t1, "holes")
     mask = np.zeros(slicer.util.arrayFromVolume(t1).shape, bool)
     mask[40, 40:50, 30:40] = True
-    io.add_segments(holes, t1, [("hole", None, mask)])
+    slicer_io.add_segments(holes, t1, [("hole", None, mask)])
     original = slicer.util.arrayFromVolume(t1).copy()
     out = sr.process(sr.RunRequest(t1, "inpaint", mask_segmentation=holes, device="cpu", modality="mr"), engine)
     result = slicer.util.arrayFromVolume(out)

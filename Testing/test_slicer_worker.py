@@ -27,7 +27,7 @@ import pytest
 from test_slicer_scene import T1, Scene, mrml, slicer  # noqa: F401
 
 from MedicalGeneralistLib import dependencies  # noqa: E402
-from MedicalGeneralistLib import slicer_io as io  # noqa: E402
+from MedicalGeneralistLib import slicer_io  # noqa: E402
 from MedicalGeneralistLib import slicer_run as sr  # noqa: E402
 from MedicalGeneralistLib.worker_client import WorkerError, WorkerProcess, exit_description  # noqa: E402
 from medgen.io import jobs  # noqa: E402
@@ -40,7 +40,7 @@ POSIX = pytest.mark.skipif(os.name == "nt", reason="POSIX signals and libc")
 def _request(mrml: Scene, **changes) -> sr.RunRequest:
     t1 = mrml.load_volume(T1, "t1")
     seg = mrml.tissue_segmentation(t1)
-    base = dict(input_volume=t1, task="segment", examples=[io.ExampleSlice(t1, 0, 36, seg), io.ExampleSlice(t1, 0, 42, seg)],
+    base = dict(input_volume=t1, task="segment", examples=[slicer_io.ExampleSlice(t1, 0, 36, seg), slicer_io.ExampleSlice(t1, 0, 42, seg)],
                 segment_names=NAMES, device="cpu", modality="mr", range_mode="between")
     return sr.RunRequest(**{**base, **changes})
 
@@ -116,7 +116,7 @@ def test_protocol_start_progress_results_and_warm_reuse(mrml: Scene, record_prop
             pids.append(worker.proc.pid)
             assert fractions == sorted(fractions) and job.fraction == 1.0
             assert not job.folder.exists()  # inputs and outputs removed once written
-            assert io.segment_names(node) == NAMES
+            assert slicer_io.segment_names(node) == NAMES
             # the self-check's lines come back named after the segments, with the chosen method
             # and its leave-one-out estimate from the two labelled slices
             lines = sr.report_lines(prepared, job)
@@ -128,8 +128,8 @@ def test_protocol_start_progress_results_and_warm_reuse(mrml: Scene, record_prop
         after = mrml.snapshot()
         assert after["ids"][:len(before["ids"])] == before["ids"] and len(after["ids"]) > len(before["ids"])
         assert {k: after["arrays"][k] for k in before["arrays"]} == before["arrays"]  # inputs untouched
-        masks = io.segment_masks(node, NAMES, request.input_volume)
-        truth = io.segment_masks(request.examples[0].target, NAMES, request.input_volume)
+        masks = slicer_io.segment_masks(node, NAMES, request.input_volume)
+        truth = slicer_io.segment_masks(request.examples[0].target, NAMES, request.input_volume)
         for name in NAMES:
             np.testing.assert_array_equal(masks[name][36], truth[name][36])
             assert not masks[name][:36].any() and not masks[name][43:].any() and masks[name][37:42].any()
@@ -249,7 +249,7 @@ def test_run_completes_at_full_speed_under_a_gil_holding_100ms_poll(mrml: Scene,
         while not job.poll():  # the widget's QTimer tick, between GIL-holding idles
             _slicer_like_idle(0.1)
         held_s = time.perf_counter() - start
-        assert job.state == "done" and io.segment_names(sr.finish(prepared, job)) == NAMES
+        assert job.state == "done" and slicer_io.segment_names(sr.finish(prepared, job)) == NAMES
         record_property("free_poll_seconds", round(free_s, 2))
         record_property("gil_held_poll_seconds", round(held_s, 2))
         assert held_s < 1.5 * free_s + 0.5  # the process does not care what Slicer's GIL does

@@ -27,7 +27,7 @@ import numpy as np
 import slicer
 import vtk
 
-from MedicalGeneralistLib import slicer_io as io
+from MedicalGeneralistLib import slicer_io
 from medgen.core.errors import InputError
 from medgen.core.volume import Volume, anatomical_axis
 
@@ -97,8 +97,8 @@ def make_job(source: MRMLNode, segmentation: MRMLNode, segment_id: str, directio
     """Read the editor's inputs (a snapshot): the source volume and the selected segment."""
     if segmentation is None or not segment_id:
         raise InputError("no segment is selected: select the segment you painted in the segment list")
-    image = io.node_to_volume(source, "source volume")
-    mask = io.segment_mask(segmentation, segment_id, source)
+    image = slicer_io.node_to_volume(source, "source volume")
+    mask = slicer_io.segment_mask(segmentation, segment_id, source)
     name = segmentation.GetSegmentation().GetSegment(segment_id).GetName()
     if not mask.any():
         raise InputError(f"segment '{name}' is empty inside the source volume: paint it on a few "
@@ -186,7 +186,7 @@ class FillFromExamples:
         if preview is None:
             raise InputError("there is no preview to apply: press Initialize first")
         source = editor_node.GetSourceVolumeNode()
-        mask = io.segment_mask(preview, preview.GetSegmentation().GetNthSegmentID(0), source)
+        mask = slicer_io.segment_mask(preview, preview.GetSegmentation().GetNthSegmentID(0), source)
         labelmap = oriented_labelmap(mask, source, editor_node.GetSegmentationNode())
         editor.saveStateForUndo()
         editor.modifySelectedSegmentByLabelmap(labelmap, "Set")
@@ -197,7 +197,7 @@ class FillFromExamples:
         preview = preview_node(editor_node)
         editor_node.SetNodeReferenceID(PREVIEW_ROLE, None)
         if preview is not None:
-            io.remove_node(preview)
+            slicer_io.remove_node(preview)
 
 
 def preview_node(editor_node: MRMLNode) -> MRMLNode | None:
@@ -207,11 +207,11 @@ def preview_node(editor_node: MRMLNode) -> MRMLNode | None:
 def _show_preview(editor_node: MRMLNode, source: MRMLNode, segment: MRMLNode, mask: np.ndarray) -> MRMLNode:
     preview = preview_node(editor_node)
     if preview is None:
-        preview = io.new_segmentation_node(source, f"{segment.GetName()} preview")
+        preview = slicer_io.new_segmentation_node(source, f"{segment.GetName()} preview")
         editor_node.SetNodeReferenceID(PREVIEW_ROLE, preview.GetID())
     else:
         preview.GetSegmentation().RemoveAllSegments()
-    io.add_segments(preview, source, [(segment.GetName(), tuple(segment.GetColor()), mask)], surface=False)
+    slicer_io.add_segments(preview, source, [(segment.GetName(), tuple(segment.GetColor()), mask)], surface=False)
     display = preview.GetDisplayNode()
     if display is not None:
         display.SetOpacity2DFill(0.6)
@@ -226,7 +226,7 @@ def oriented_labelmap(mask: np.ndarray, reference: MRMLNode, segmentation: MRMLN
     volume's grid is resampled there (nearest neighbour), through the transforms when volume
     and segmentation have different parent transforms. Full extent, so 'Set' replaces the whole
     segment rather than a box around the structure."""
-    with io.temporary_labelmap(reference) as labelmap:
+    with slicer_io.temporary_labelmap(reference) as labelmap:
         slicer.util.updateVolumeFromArray(labelmap, mask.astype(np.uint8))
         image = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(labelmap)
     geometry = slicer.vtkOrientedImageData()

@@ -29,7 +29,6 @@ from medgen.core.volume import Volume
 MRMLNode = Any  # MRML classes come from the running Slicer or the slicer-core wheel
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
 OBLIQUE_TOLERANCE_DEG = 0.5
-VIEW_NAMES = ("Red", "Yellow", "Green")
 
 
 # -- geometry ----------------------------------------------------------------------------------

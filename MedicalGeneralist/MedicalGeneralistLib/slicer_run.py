@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from MedicalGeneralistLib import slicer_io as io
+from MedicalGeneralistLib import slicer_io
 from MedicalGeneralistLib.worker_client import WorkerError, WorkerJob, WorkerProcess
 from medgen.core.config import IMAGE_TASKS, MODALITIES, TASKS
 from medgen.core.errors import InputError
@@ -40,9 +40,9 @@ RESULT_SUFFIX = {"segment": "segmentation", "denoise": "denoised", "inpaint": "i
 class RunRequest:
     """Everything the panel (or a script) asks for; node fields hold MRML nodes."""
 
-    input_volume: io.MRMLNode
+    input_volume: slicer_io.MRMLNode
     task: str
-    examples: Sequence[io.ExampleSlice] = ()
+    examples: Sequence[slicer_io.ExampleSlice] = ()
     segment_names: Sequence[str] | None = None  # None: every segment of the first example's target
     model: str | None = None  # registry id, local path or hf:// spec; None: the shipped default
     device: str = "auto"
@@ -51,8 +51,8 @@ class RunRequest:
     range_slices: int = 10
     mode: str = "propagate"
     adapt_steps: int = 0
-    output_segmentation: io.MRMLNode | None = None  # None: a NEW segmentation node
-    mask_segmentation: io.MRMLNode | None = None  # inpainting: all its segments mark the holes
+    output_segmentation: slicer_io.MRMLNode | None = None  # None: a NEW segmentation node
+    mask_segmentation: slicer_io.MRMLNode | None = None  # inpainting: all its segments mark the holes
     threads: int | None = None
     seed: int = 0
 
@@ -65,7 +65,7 @@ class PreparedRun:
     image: Volume  # the query, cropped to the range along options.axis
     full_shape: tuple[int, ...]
     offset: int  # first slice of the crop along options.axis
-    groups: list[io.ExampleGroup]
+    groups: list[slicer_io.ExampleGroup]
     options: jobs.JobOptions
     mask: Volume | None = None
     colors: dict[str, tuple[float, float, float]] = field(default_factory=dict)
@@ -83,27 +83,27 @@ def prepare(request: RunRequest) -> PreparedRun:
     """Check the request and read the scene; every mistake is reported here, before the model runs."""
     _check_request(request)
     node = request.input_volume
-    full = io.node_to_volume(node, "input volume")
+    full = slicer_io.node_to_volume(node, "input volume")
     entries = list(request.examples)
     if request.task == "inpaint" and not entries:
         axis, own = anatomical_axis("axial", full), []  # self-made examples: axial slices
     else:
-        axis, own = io.run_axis(entries, node, full)
+        axis, own = slicer_io.run_axis(entries, node, full)
     if full.is_2d:
         axis = 0
     lo, hi = _span(request, own, full.shape[axis])
     image = full if (lo, hi) == (0, full.shape[axis] - 1) else Volume(
-        io.crop_along(full.array, axis, lo, hi - lo + 1), full.spacing, full.origin, full.direction, full.is_2d)
+        slicer_io.crop_along(full.array, axis, lo, hi - lo + 1), full.spacing, full.origin, full.direction, full.is_2d)
     modality = guess_modality(full.array) if request.modality == "auto" else request.modality
     options = jobs.JobOptions(request.task, axis, modality, request.device, request.threads, request.seed,
                               request.adapt_steps, request.mode)
     mask = _mask(request, full, axis, lo, image.shape[axis])
     if entries:
-        gathered = io.gather_examples(entries, node, image, axis, request.task, modality,
+        gathered = slicer_io.gather_examples(entries, node, image, axis, request.task, modality,
                                       request.segment_names, offset=lo)
         groups, colors = gathered.groups, gathered.colors
     else:
-        groups, colors = [io.ExampleGroup(inpaint_self_examples(image, mask, axis, modality))], {}
+        groups, colors = [slicer_io.ExampleGroup(inpaint_self_examples(image, mask, axis, modality))], {}
     return PreparedRun(request, image, full.shape, lo, groups, options, mask, colors,
                        full.array if request.task in IMAGE_TASKS else None)
 
@@ -117,7 +117,7 @@ def _check_request(r: RunRequest) -> None:
         raise InputError(f"unknown range {r.range_mode!r}: choose one of {', '.join(RANGE_MODES)}")
     if r.range_slices < 0 or r.adapt_steps < 0:
         raise InputError("the slice count and adaptation steps cannot be negative")
-    io.check_scalar_volume(r.input_volume, "input volume")
+    slicer_io.check_scalar_volume(r.input_volume, "input volume")
     if r.task == "inpaint" and r.mask_segmentation is None:
         raise InputError("inpainting needs a mask: choose a segmentation whose segments cover the region to fill")
     if r.task != "inpaint" and not r.examples:
@@ -138,11 +138,11 @@ def _span(request: RunRequest, own: list[int], size: int) -> tuple[int, int]:
 def _mask(request: RunRequest, full: Volume, axis: int, lo: int, size: int) -> Volume | None:
     if request.task != "inpaint":
         return None
-    holes = io.union_mask(request.mask_segmentation, request.input_volume).astype(np.uint8)
+    holes = slicer_io.union_mask(request.mask_segmentation, request.input_volume).astype(np.uint8)
     if not holes.any():
         raise InputError(f"the mask segmentation '{request.mask_segmentation.GetName()}' is empty: "
                          "paint the region to fill")
-    return Volume(io.crop_along(holes, axis, lo, size), full.spacing, full.origin, full.direction, full.is_2d)
+    return Volume(slicer_io.crop_along(holes, axis, lo, size), full.spacing, full.origin, full.direction, full.is_2d)
 
 
 # -- the worker process: compute -------------------------------------------------------------
@@ -196,11 +196,11 @@ def write(prepared: PreparedRun, result: RunResult):
         raise InputError("the input volume was removed from the scene during the run: nothing was written")
     name = f"{node.GetName()} {RESULT_SUFFIX[request.task]}"
     if request.task in IMAGE_TASKS:
-        return io.new_volume_node(node, result.volume, name)
+        return slicer_io.new_volume_node(node, result.volume, name)
     target = request.output_segmentation
     if target is None or target.GetScene() is None or not target.GetScene().IsNodePresent(target):
-        target = io.new_segmentation_node(node, name)
-    io.add_segments(target, node, [(n, prepared.colors.get(n), mask) for n, mask in result.segments])
+        target = slicer_io.new_segmentation_node(node, name)
+    slicer_io.add_segments(target, node, [(n, prepared.colors.get(n), mask) for n, mask in result.segments])
     return target
 
 

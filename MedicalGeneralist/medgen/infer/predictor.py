@@ -31,12 +31,10 @@ def stack_caches(caches: list[ContextCache]) -> ContextCache:
 class Predictor:
     """Wraps an InContextUNet for inference: numpy in, numpy out, chunked to fit memory."""
 
-    def __init__(self, model: InContextUNet, device: torch.device, cancel: CancelFn | None = None,
-                 max_batch: int | None = None) -> None:
+    def __init__(self, model: InContextUNet, device: torch.device, cancel: CancelFn | None = None) -> None:
         self.model = model.to(device).eval()
         self.device = device
         self.cancel = cancel or (lambda: False)
-        self.max_batch = max_batch
 
     def check_cancel(self) -> None:
         if self.cancel():
@@ -51,7 +49,7 @@ class Predictor:
         limit = batch_limit(per_item, self.device)
         if self.device.type == "cpu":  # a CPU is as fast with a few items per pass: bound the memory
             limit = max(1, min(limit, CPU_PASS_BYTES // per_item))
-        return min(limit, self.max_batch) if self.max_batch else limit
+        return limit
 
     @torch.inference_mode()
     def encode(self, images: np.ndarray, targets: np.ndarray, task: int, modality: int) -> ContextCache:

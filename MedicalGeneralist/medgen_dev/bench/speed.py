@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from medgen.nn.model import InContextUNet, count_parameters
+from medgen.nn.model import InContextUNet
 
 UNIVERSEG_SIZE = 128
 
@@ -277,23 +277,3 @@ def measure_volume(task: str, shape: tuple[int, int, int], k: int, device: str =
 def _device(name: str) -> str:
     from medgen.core.device import resolve_device
     return str(resolve_device(name))
-
-
-def speed_table(model: InContextUNet, volumes: list[tuple[int, int, int]], ks=(1, 8, 32),
-                size: int = 192, device: str = "auto") -> str:
-    """A Markdown table of the figures the README quotes (kept for `medgen bench --volumes`)."""
-    lines = [f"model: {model.config.name}, {count_parameters(model) / 1e6:.2f} M parameters, "
-             f"torch {torch.__version__}, {torch.get_num_threads()} threads", "",
-             f"| k | GFLOPs per query slice ({size}²) | GFLOPs to encode the k pairs (once) | s per slice |",
-             "|---|---|---|---|"]
-    for k in ks:
-        q, enc = flops_per_slice(model, k, size)
-        lines.append(f"| {k} | {q:.2f} | {enc:.2f} | {seconds_per_slice(model, k, size):.3f} |")
-    lines += ["", "| task | volume (z, y, x) | k | seconds | s per slice | peak RSS (MB) |",
-              "|---|---|---|---|---|---|"]
-    for shape in volumes:
-        for task in ("segment", "denoise"):
-            r = measure_volume(task, shape, 8, device)
-            lines.append(f"| {task} | {shape} | 8 | {r['seconds']:.1f} | {r['seconds_per_slice']:.3f} | "
-                         f"{r['peak_rss_mb']:.0f} |")
-    return "\n".join(lines)
