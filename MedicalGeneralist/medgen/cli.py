@@ -163,15 +163,15 @@ def _command(args: argparse.Namespace) -> int:
     return EXIT_USAGE
 
 
-def _guarded(command) -> int:
-    """A user error is one line and exit 2, as for `run`."""
+def _guarded(command, interrupted_note: str = " (finished cases are in the journal)") -> int:
+    """A user error is one line and exit 2, as for `run`; Ctrl-C is exit 130."""
     try:
         return command()
     except MedGenError as err:
         print(f"medgen: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("medgen: interrupted (finished cases are in the journal)", file=sys.stderr)
+        print(f"medgen: interrupted{interrupted_note}", file=sys.stderr)
         return 130
 
 
@@ -184,14 +184,7 @@ def _dev_command(name: str, rest: list[str]) -> int:
         print(f"medgen: error: `medgen {name}` is a developer command and needs a checkout of the "
               f"repository (pip install -e . there); this installation has no {err.name}", file=sys.stderr)
         return EXIT_USAGE
-    try:
-        return module.main(rest)
-    except MedGenError as err:
-        print(f"medgen: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("medgen: interrupted", file=sys.stderr)
-        return 130
+    return _guarded(lambda: module.main(rest), interrupted_note="")
 
 
 def entry() -> None:

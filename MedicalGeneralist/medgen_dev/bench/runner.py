@@ -191,6 +191,18 @@ def _propagate_one(model, s: Structure, image: Volume, label: Volume, axis: int,
     return row, _showcase(slices, truth, preds, rest)
 
 
+def _model_and_auto(model, image: Volume, examples: list, options,
+                    mask: Volume | None = None) -> tuple[Volume, np.ndarray, dict]:
+    """Image tasks: the model alone (timed into the check) and the run as users get it (auto)."""
+    from medgen.infer.pipeline import run
+
+    auto, check = _auto(model, image, examples, options, mask=mask)
+    t = time.perf_counter()
+    ours = run(model, image, examples, replace(options, method="model"), mask=mask)
+    check["seconds_ours"] = time.perf_counter() - t
+    return ours, auto, check
+
+
 def _auto(model, image: Volume, examples: list, options, mask: Volume | None = None) -> tuple[np.ndarray, dict]:
     """The run as users get it by default (method auto): its output and its self-check, timed."""
     from medgen.infer.pipeline import run_with_report
@@ -323,7 +335,7 @@ def _stack(vol: Volume, array: np.ndarray, axis: int) -> Volume:
 
 
 def _denoise(model, case: ImageCase, cfg: BenchConfig, device: str) -> tuple[dict, dict]:
-    from medgen.infer.pipeline import RunOptions, run
+    from medgen.infer.pipeline import RunOptions
 
     image, axis, clean = _read_case(case)
     norm = fit_normalizer(image.array, case.modality)
@@ -333,10 +345,7 @@ def _denoise(model, case: ImageCase, cfg: BenchConfig, device: str) -> tuple[dic
     noisy_vol = _stack(image, noisy, axis)
     examples = pairs_from_volumes(noisy_vol, image, axis, ex, "denoise", case.modality, own=False)
     query, options = _stack(image, noisy[ev], axis), RunOptions("denoise", axis, case.modality, device)
-    auto, check = _auto(model, query, examples, options)
-    t = time.perf_counter()
-    ours = run(model, query, examples, replace(options, method="model"))
-    check["seconds_ours"] = time.perf_counter() - t
+    ours, auto, check = _model_and_auto(model, query, examples, options)
     n = fit_normalizer(noisy_vol.array, case.modality)  # the baselines see the same scaling
     xs, ys = [n(noisy[i]) for i in ex], [n(clean[i]) for i in ex]
     sigma = bl.noise_sigma(xs, ys)
@@ -350,7 +359,7 @@ def _denoise(model, case: ImageCase, cfg: BenchConfig, device: str) -> tuple[dic
 
 
 def _inpaint(model, case: ImageCase, cfg: BenchConfig, device: str) -> tuple[dict, dict]:
-    from medgen.infer.pipeline import RunOptions, run
+    from medgen.infer.pipeline import RunOptions
 
     image, axis, clean = _read_case(case)
     hole_vol = mask_on_image(case.mask, case.image) & _region(image.array, case)
@@ -361,17 +370,14 @@ def _inpaint(model, case: ImageCase, cfg: BenchConfig, device: str) -> tuple[dic
                                      axis, case.modality)
     query, options = _stack(image, holed[ev], axis), RunOptions("inpaint", axis, case.modality, device)
     holes = _stack(image, hole[ev].astype(np.uint8), axis)
-    auto, check = _auto(model, query, examples, options, mask=holes)
-    t = time.perf_counter()
-    ours = run(model, query, examples, replace(options, method="model"), mask=holes)
-    check["seconds_ours"] = time.perf_counter() - t
+    ours, auto, check = _model_and_auto(model, query, examples, options, mask=holes)
     preds = {"ours": np.moveaxis(ours.array, axis, 0), "auto": np.moveaxis(auto, axis, 0),
              "biharmonic (scikit-image)": np.stack([bl.biharmonic(holed[i], hole[i]) for i in ev])}
     return _score(preds, clean[ev], hole[ev], [], ev, {"hole_voxels": int(hole.sum()), "auto": check})
 
 
 def _synthesize(model, case: ImageCase, cfg: BenchConfig, device: str) -> tuple[dict, dict]:
-    from medgen.infer.pipeline import RunOptions, run
+    from medgen.infer.pipeline import RunOptions
 
     image, axis, src = _read_case(case)
     target = read_volume(case.target)
@@ -383,10 +389,7 @@ def _synthesize(model, case: ImageCase, cfg: BenchConfig, device: str) -> tuple[
     ex, ev = _split_slices(region, cfg.image_examples, cfg.eval_slices)
     examples = pairs_from_volumes(image, target, axis, ex, "synthesize", case.modality, own=False)
     query, options = _stack(image, src[ev], axis), RunOptions("synthesize", axis, case.modality, device)
-    auto, check = _auto(model, query, examples, options)
-    t = time.perf_counter()
-    ours = run(model, query, examples, replace(options, method="model"))
-    check["seconds_ours"] = time.perf_counter() - t
+    ours, auto, check = _model_and_auto(model, query, examples, options)
     x_ex, y_ex = src[ex][region[ex]], dst[ex][region[ex]]
     fill = lambda values: np.where(region[ev], 0, dst[ev].min()).astype(np.float32) + _scatter(region[ev], values)
     preds = {"ours": np.moveaxis(ours.array, axis, 0), "auto": np.moveaxis(auto, axis, 0),
