@@ -8,6 +8,7 @@ library output included: capfd), no new file and every existing file byte-identi
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -443,6 +444,22 @@ def test_item13_mask_on_another_grid_is_refused(capfd, slab: Path) -> None:
     sitk.WriteImage(shifted, str(slab.parent / "mask.nii.gz"))
     _refused(capfd, _run(slab, slab.parent / "out.nii.gz", "--mask", str(slab.parent / "mask.nii.gz"),
                          task="inpaint"), "not on the image's grid", slab.parent)
+
+
+def test_item13_the_pipeline_refuses_it_too(slab: Path) -> None:
+    """The same rule for every front end (Slicer, batch, Python), not only the command line."""
+    from medgen.core.errors import InputError
+    from medgen.infer.pipeline import RunOptions, run
+    from medgen.io.images import read_volume
+    from medgen.prompts import inpaint_self_examples
+
+    image = read_volume(slab)
+    holes = np.zeros(image.shape, np.uint8)
+    holes[1:3, 40:50, 30:40] = 1
+    examples = inpaint_self_examples(image, image.with_array(holes), 0, "mr")
+    shifted = dataclasses.replace(image.with_array(holes), origin=tuple(o + 10 for o in image.origin))
+    with pytest.raises(InputError, match="not on the image's grid"):
+        run(None, image, examples, RunOptions("inpaint", 0, "mr", "cpu"), mask=shifted)
 
 
 # -- 14: messages ---------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from medgen.core.errors import InputError
 from medgen.prompts import examples_from_files, inpaint_self_examples, parse_slices
 from medgen.io.images import check_writable, read_volume, same_file, write_volume
 from medgen.core.intensity import guess_modality
-from medgen.infer.pipeline import RunOptions, run_with_report, segment_mode
+from medgen.infer.pipeline import RunOptions, check_mask_grid, run_with_report, segment_mode
 from medgen.infer.selfcheck import check_method
 from medgen.infer.segment import SegmentSettings
 from medgen.core.volume import parse_axis
@@ -38,9 +38,8 @@ def run_command(args: argparse.Namespace, models: dict | None = None) -> int:
     modality = args.modality or guess_modality(image.array)
     axis = parse_axis(args.axis, image)
     mask = read_volume(args.mask, label=True) if args.mask else None
-    if mask is not None and mask.shape == image.shape and not image.same_grid(mask):
-        raise InputError("the mask is not on the image's grid (spacing, origin or direction differ): "
-                         "resample it onto the image first")
+    if mask is not None:
+        check_mask_grid(image, mask)  # before the examples and the model: a mistake costs seconds
     examples = examples_from_files(args.task, image, args.context_image, args.context_target,
                                    parse_slices(args.context_slices), args.axis, modality)
     if args.task == "inpaint" and not examples:

@@ -131,11 +131,20 @@ def _check_shapes(image: Volume, examples: list[Example], axis: int) -> None:
         raise InputError(f"axis {axis} is out of range: use 0, 1 or 2")
 
 
+def check_mask_grid(image: Volume, mask: Volume) -> None:
+    """A mask of the image's shape must also sample its points: every front end (command line,
+    Slicer, batch, Python) gets this check from the pipeline; the command line calls it early."""
+    if mask.shape == image.shape and not image.same_grid(mask):
+        raise InputError("the mask is not on the image's grid (spacing, origin or direction differ): "
+                         "resample it onto the image first")
+
+
 def _check_mask(image: Volume, mask: Volume | None) -> None:
     if mask is None:
         raise InputError("inpainting needs a mask: a volume or image marking the region to fill")
     if mask.shape != image.shape:
         raise InputError(f"the mask's shape {mask.shape} differs from the image's {image.shape}")
+    check_mask_grid(image, mask)
     if not np.any(mask.array):
         raise InputError("the inpainting mask is empty: mark the region to fill with non-zero voxels")
 
