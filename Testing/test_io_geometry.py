@@ -202,3 +202,18 @@ def test_png_output_of_a_3d_volume_is_refused(tmp_path: Path, capsys) -> None:
                      "--context-target", str(case.labels), "--context-slices", case.slices_arg,
                      "--out", str(out), "--quiet", "--device", "cpu"])
     assert code != 0 and not out.exists()
+
+
+@pytest.mark.parametrize("shape,out,aa", [((300, 260), (128, 128), True), ((97, 131), (128, 128), False),
+                                          ((128, 128), (57, 61), False), ((200, 100), (128, 128), True)])
+def test_grid_resize_equals_monai_resize(sample_t1: Volume, shape, out, aa: bool) -> None:
+    """The crop-to-grid resampler skips MONAI's bookkeeping but must keep its arithmetic exactly
+    (the model was trained on MONAI's Resize), on a real slice resampled to odd shapes."""
+    from monai.transforms import Resize
+
+    from medgen.core.grid import resize
+
+    mid = sample_t1.array[sample_t1.array.shape[0] // 2].astype(np.float32)
+    patch = np.asarray(Resize(shape, mode="bilinear")(mid[None]))[0]
+    expected = np.asarray(Resize(out, mode="bilinear", anti_aliasing=aa)(patch[None]))[0]
+    np.testing.assert_array_equal(resize(patch, out, anti_aliasing=aa), expected)

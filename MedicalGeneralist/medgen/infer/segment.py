@@ -19,6 +19,10 @@ Between two labelled slices the query's prior is not the previous prediction but
 "Fill between slices" result (ITK MorphologicalContourInterpolator over the labelled slices): the
 model was trained to correct that classical interpolation (prior-correction episodes), so where
 the classical tool is already good the model starts from it instead of drifting from one end.
+With that prior both directions see the same prior, so their blend adds little: each chain then
+covers its half of the gap only (they meet midway), which halves the model's work between
+labelled slices (measured on the bench's propagation rows: docs/BENCHMARKS.md). Without the prior
+(one labelled slice of the pair empty, ITK refused) both directions still run the whole gap.
 
 Several labels are separate binary runs batched side by side; the overlap rule is: a voxel takes
 the label with the highest probability among those above 0.5. Labelled slices are copied exactly.
@@ -88,8 +92,11 @@ class VolumeSegmenter:
     def __init__(self, predictor: Predictor, slices: np.ndarray, *, spacing: tuple[float, float],
                  norm: Normalizer, examples: list[Example], labels: list[int], task: int,
                  modality: int, in_volume: bool, settings: SegmentSettings, progress: Progress,
-                 thickness: float | None = None) -> None:
+                 thickness: float | None = None, fill_backends: dict[int, str] | None = None) -> None:
         self.predictor, self.slices, self.spacing, self.norm = predictor, slices, spacing, norm
+        # label value -> fill-between backend; the self-check's folds see fewer labelled slices
+        # than the run and pass the run's choice, so they score the prior the run will use
+        self.fill_backends = fill_backends or {}
         self.thickness = thickness  # slice spacing along the propagation axis (mm)
         self.examples, self.labels, self.in_volume = examples, labels, in_volume
         self.settings = settings
@@ -176,6 +183,10 @@ class VolumeSegmenter:
                     box = self._box(mask, full_box(shape, self.spacing))
                     ends = [box] if stops else [box, self._box(known[far] == value, box)]
                     side = max((b.r1 - b.r0) * self.spacing[0] for b in ends) * self.settings.max_growth
+                    if not stops and self.fill[li] is not None:  # one chain per slice: meet midway
+                        end = (a + b) // 2 + 1 if step == 1 else (a + b) // 2
+                        if abs(end - origin) <= 1:
+                            continue
                     chains.append(Chain(li, origin, step, end, stops, span if not stops else None,
                                         mask.astype(np.float32), box, max_side_mm=side,
                                         origin_area=float(mask.sum()),
@@ -197,7 +208,8 @@ class VolumeSegmenter:
             for s in given:
                 stack[s] = known[s] == value
             try:
-                out.append(interpolate.fill_between_slices(stack, given))
+                out.append(interpolate.fill_between_slices(stack, given,
+                                                           backend_name=self.fill_backends.get(value)))
             except RuntimeError:  # ITK refused this structure: propagate from the neighbours
                 out.append(None)
         return out

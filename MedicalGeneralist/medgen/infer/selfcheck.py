@@ -444,13 +444,15 @@ def run_segmentation(model, device, image, examples: list[Example], options, mod
         predictor = Predictor(model, device, cancel)
         norm = fit_normalizer(image.array, options.modality)
         settings = replace(options.segment, mode="propagate")
+        dense = {v: "distance" for v in labels
+                 if sum(bool(np.any(t == v)) for t in own.values()) >= interpolate.DENSE}
 
         def model_fold(stack: np.ndarray, fold_examples: list[Example]) -> np.ndarray:
             seg = VolumeSegmenter(predictor, stack, spacing=spacing, norm=norm, examples=fold_examples,
                                   labels=labels, task=task_index("segment"),
                                   modality=modality_index(options.modality), in_volume=True,
                                   settings=settings, progress=lambda f, m: None,
-                                  thickness=image.slice_thickness(axis))
+                                  thickness=image.slice_thickness(axis), fill_backends=dense)
             return seg.propagate()
         ctx = SegmentContext(slices, examples, labels, model_fold, reg_norm, spacing,
                              options.segment.threshold, cancel or (lambda: False))

@@ -410,23 +410,24 @@ def load_model(spec: str | None = None, device: str | torch.device = "cpu",
 
 
 def _checked_model(resolved: ResolvedModel) -> InContextUNet:
-    """Build the model only once the config is valid and every weight shape matches it (compared
-    on the meta device, which allocates nothing); refuse NaN/Inf weights."""
+    """Build the model once the config is valid, load weights only once every shape matches it;
+    refuse NaN/Inf weights. The model is built on the CPU (a few MB): building it on the meta
+    device instead made torch import its compiler stack (torch._dynamo, about 2 s of every run)
+    for the meta tensors' random init."""
     import torch
 
     from medgen.nn.model import InContextUNet
 
     config = _read_config(resolved.config_path)
     shapes = _file_shapes(resolved.weights_path)
-    with torch.device("meta"):
-        _check_state_matches(InContextUNet(config), shapes, resolved)
+    model = InContextUNet(config)
+    _check_state_matches(model, shapes, resolved)
     state = _read_state_dict(resolved.weights_path)
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise WeightsError(f"model {resolved.id}: {len(bad)} weight tensor(s) hold NaN or Inf (e.g. "
                            f"{', '.join(bad[:3])}) in {resolved.weights_path}: the checkpoint is "
                            "broken; use another one or train again")
-    model = InContextUNet(config)
     model.load_state_dict(state)
     return model
 
