@@ -94,6 +94,10 @@ def test_quick_bench_writes_a_finite_report(tmp_path: Path, shared_data: Path) -
     assert "| benchmark | this model | again |" in text and "Ambiguity test" in text
     nets = {v["net"] for v in results["speed"]["volumes"]}
     assert nets == {"medgen", "universeg"}
+    # `medgen run` as users meet it: a fresh process, cold and warm, with what the self-check chose
+    (user,) = results["speed"]["user_runs"]
+    assert user["cold_wall"] > user["warm_engine"] > 0 and user["chosen"][0].startswith("label 1:")
+    assert "### As users run it" in report
 
 
 # -- baselines on real data ---------------------------------------------------------------------------

@@ -28,10 +28,29 @@ def nearest_copy(labels: np.ndarray, given: list[int]) -> np.ndarray:
     return labels[nearest]
 
 
+class FieldCache(dict):
+    """Demons displacement fields by (box, fixed slice, moving slice), within a byte budget.
+
+    A field depends on the two images only, not on the mask carried: the self-check's folds
+    register the very slice pairs the run's own registration needs again (a fold's chain from a
+    labelled slice to the hidden one is the run's chain, one slice longer), so with this cache the
+    run reuses them instead of paying for them twice."""
+
+    def __init__(self, budget_bytes: int = 1 << 30) -> None:
+        super().__init__()
+        self.room = budget_bytes
+
+    def keep(self, key: tuple, transform, nbytes: int) -> None:
+        if nbytes <= self.room:
+            self[key] = transform
+            self.room -= nbytes
+
+
 def registration_propagate(slices: np.ndarray, given: dict[int, np.ndarray],
                            spacing: tuple[float, float], iterations: int = 40,
                            parts: tuple[str, ...] = ("between", "beyond"),
-                           stop_at: int | None = None) -> np.ndarray:
+                           stop_at: int | None = None, box: tuple[slice, slice] | None = None,
+                           fields: FieldCache | None = None, offset: int = 0) -> np.ndarray:
     """Slice-to-slice deformable registration (SimpleITK fast symmetric forces demons) carries each
     labelled slice's mask outward, slice by slice; between two labelled slices both directions run
     and are blended linearly by distance. Open ends stop when the carried mask vanishes.
@@ -40,11 +59,14 @@ def registration_propagate(slices: np.ndarray, given: dict[int, np.ndarray],
     `parts` limits the work to the chains between the labelled slices and/or beyond them (the
     self-check may use registration for one of the two only). `stop_at`: only that slice's answer
     is wanted (the self-check's hidden slice): chains stop there, which gives the same answer at
-    that slice for half the registrations."""
+    that slice for half the registrations. `box`: the registration window (default: around
+    `given`); `fields`: a cache shared between calls on the same volume (see FieldCache), where
+    `slices` starts at slice `offset` of that volume."""
     import SimpleITK as sitk
 
     n = slices.shape[0]
-    box = _label_box(list(given.values()), slices.shape[1:])
+    box = box or label_box(list(given.values()), slices.shape[1:])
+    fields = FieldCache(0) if fields is None else fields
     crops = slices[:, box[0], box[1]].astype(np.float32)
     acc = np.zeros(crops.shape, np.float32)
     wsum = np.zeros(n, np.float32)
@@ -59,7 +81,9 @@ def registration_propagate(slices: np.ndarray, given: dict[int, np.ndarray],
             continue
         mask = given[origin][box[0], box[1]].astype(np.float32)
         for s in range(origin + step, end, step):
-            mask = (_warp(demons, crops[s], crops[s - step], mask, spacing) >= 0.5).astype(np.float32)
+            key = (box[0].start, box[0].stop, box[1].start, box[1].stop, offset + s, offset + s - step)
+            mask = (_warp(demons, crops[s], crops[s - step], mask, spacing, fields, key) >= 0.5
+                    ).astype(np.float32)
             w = 1.0 if span is None else max(1e-3, 1 - abs(s - origin) / span)
             acc[s] += w * mask
             wsum[s] += w
@@ -80,8 +104,9 @@ def _chains(idx: list[int], n: int) -> list[tuple[int, int, int, int | None]]:
     return chains
 
 
-def _label_box(masks: list[np.ndarray], shape: tuple[int, int], margin: float = 0.5,
-               pad: int = 16) -> tuple[slice, slice]:
+def label_box(masks: list[np.ndarray], shape: tuple[int, int], margin: float = 0.5,
+              pad: int = 16) -> tuple[slice, slice]:
+    """The registration window: the masks' union box, widened by `margin` of its size + `pad`."""
     union = np.any(np.stack(masks), axis=0)
     out = []
     for ax in (0, 1):
@@ -92,13 +117,16 @@ def _label_box(masks: list[np.ndarray], shape: tuple[int, int], margin: float = 
 
 
 def _warp(demons, fixed: np.ndarray, moving: np.ndarray, mask: np.ndarray,
-          spacing: tuple[float, float]) -> np.ndarray:
+          spacing: tuple[float, float], fields: FieldCache, key: tuple) -> np.ndarray:
     """Register `moving` (the previous slice) onto `fixed` and carry its mask across."""
     import SimpleITK as sitk
 
-    f, m, lab = (sitk2d(a, spacing) for a in (fixed, moving, mask))
-    field = demons.Execute(f, m)
-    transform = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+    f, lab = sitk2d(fixed, spacing), sitk2d(mask, spacing)
+    transform = fields.get(key)
+    if transform is None:
+        field = demons.Execute(f, sitk2d(moving, spacing))
+        transform = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+        fields.keep(key, transform, 16 * fixed.size)
     return sitk.GetArrayFromImage(sitk.Resample(lab, f, transform, sitk.sitkLinear, 0.0))
 
 

@@ -146,6 +146,7 @@ class SegmentContext:
     spacing: tuple[float, float]
     threshold: float = 0.5
     cancel: Callable[[], bool] = lambda: False
+    fields: classical.FieldCache = field(default_factory=classical.FieldCache)  # shared with the run
 
 
 def fold_slices(given: list[int], max_folds: int = MAX_FOLDS) -> list[int]:
@@ -217,8 +218,12 @@ def _fold_predictions(ctx: SegmentContext, own: dict[int, Example], h: int, lo: 
         preds = {"model": probs[li, h - lo] >= ctx.threshold}
         if with_v:
             normed = ctx.reg_norm(stack) if normed is None else normed
-            preds["registration"] = classical.registration_propagate(normed, with_v, ctx.spacing,
-                                                                     stop_at=h - lo)[h - lo]
+            # the run's registration window (all of the label's slices), so the run reuses the
+            # fold's displacement fields (FieldCache)
+            box = classical.label_box([t.target == v for t in own.values() if np.any(t.target == v)],
+                                      stack.shape[1:])
+            preds["registration"] = classical.registration_propagate(
+                normed, with_v, ctx.spacing, stop_at=h - lo, box=box, fields=ctx.fields, offset=lo)[h - lo]
         else:
             preds["registration"] = np.zeros(stack.shape[1:], bool)
         preds["nearest"] = _nearest_at(known, h - lo)
@@ -440,6 +445,7 @@ def run_segmentation(model, device, image, examples: list[Example], options, mod
     spacing = image.slice_spacing(axis)
     reg_norm = fit_normalizer(image.array, options.modality, clip=True)
     t0 = time.perf_counter()
+    fields = classical.FieldCache()
     if method == "auto":
         predictor = Predictor(model, device, cancel)
         norm = fit_normalizer(image.array, options.modality)
@@ -455,7 +461,7 @@ def run_segmentation(model, device, image, examples: list[Example], options, mod
                                   thickness=image.slice_thickness(axis), fill_backends=dense)
             return seg.propagate()
         ctx = SegmentContext(slices, examples, labels, model_fold, reg_norm, spacing,
-                             options.segment.threshold, cancel or (lambda: False))
+                             options.segment.threshold, cancel or (lambda: False), fields)
         estimates = choose_segmentation(check_segmentation(ctx, _part(progress, 0.0, 0.5)), labels, own)
     else:
         estimates = forced("segment", method, [f"label {v}" for v in labels], len(own))
@@ -479,7 +485,7 @@ def run_segmentation(model, device, image, examples: list[Example], options, mod
             return np.zeros(slices.shape, bool)
         if m == "registration":
             return classical.registration_propagate(reg_norm(slices), {s: own[s] == v for s in with_v},
-                                                    spacing, parts=parts)
+                                                    spacing, parts=parts, fields=fields)
         stack = np.zeros(slices.shape, bool)
         for s in with_v:
             stack[s] = own[s] == v

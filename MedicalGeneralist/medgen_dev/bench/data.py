@@ -86,6 +86,8 @@ class SpeedSpec:
     flops_size: int = 128
     slab: int = 0  # >0: slice-wise runs (reference, denoising) time this many central slices
     slab_from: int = 0  # ...on volumes with at least this many voxels (0: every volume)
+    # `medgen run` as users meet it: fresh process (cold), optionally a warm second run, per method
+    user_runs: list[dict] = field(default_factory=list)  # {shape, task, labels, method, warm}
 
 
 @dataclass
@@ -162,7 +164,13 @@ def _speed(s: dict) -> SpeedSpec:
     spec.denoise_k = list(s.get("denoise_k", spec.denoise_k))
     spec.slab = int(s.get("slab", spec.slab))
     spec.slab_from = int(s.get("slab_from", spec.slab_from))
+    spec.user_runs = [_user_run(r) for r in s.get("user_runs", [])]
     return spec
+
+
+def _user_run(r: dict) -> dict:
+    return {"shape": tuple(int(v) for v in r["shape"]), "task": r.get("task", "segment"),
+            "labels": int(r.get("labels", 1)), "method": r.get("method", "auto"), "warm": bool(r.get("warm"))}
 
 
 def _seen(value) -> str:
@@ -178,7 +186,8 @@ def apply_quick(cfg: BenchConfig, q: dict) -> BenchConfig:
     """The CI subset: entries marked quick (or the first of each kind), few k, few slices, crops."""
     pick = lambda items: [i for i in items if i.quick] or items[:1]
     speed = replace(cfg.speed, sizes=[tuple(v) for v in q.get("speed_sizes", [[16, 128, 128]])],
-                    k=list(q.get("speed_k", [1, 8])), tasks=list(q.get("speed_tasks", ["segment"])))
+                    k=list(q.get("speed_k", [1, 8])), tasks=list(q.get("speed_tasks", ["segment"])),
+                    user_runs=[_user_run(r) for r in q.get("speed_user_runs", [])])
     return replace(cfg, structures=pick(cfg.structures), pair_sets=pick(cfg.pair_sets),
                    image_cases=pick(cfg.image_cases),
                    propagation_k=list(q.get("propagation_k", [1, 3])),

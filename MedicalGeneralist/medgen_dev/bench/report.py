@@ -543,7 +543,9 @@ def _speed_section(s: dict, images: dict) -> list[str]:
     for f in s["flops"]:
         lines.append(f"| {f['k']} | {f['ours_query_gflops']:.2f} | {f['ours_context_gflops']:.2f} | "
                      f"{f['reference_query_gflops']:.2f} |")
-    lines += ["", "Peak RSS is the whole child process; \"before\" is its resident memory after loading "
+    lines += ["", "Our network runs its own path here (method \"model\", no self-check), to compare the two "
+              "networks; the self-check's cost is in the next table. "
+              "Peak RSS is the whole child process; \"before\" is its resident memory after loading "
               "the libraries, the network and the volume, just before the timed run.", "",
               "| network | task | device | volume (z, y, x) | k | seconds | s per slice | peak RSS (MB) | RSS before (MB) | peak GPU (MB) |",
               "|---|---|---|---|---|---|---|---|---|---|"]
@@ -555,7 +557,31 @@ def _speed_section(s: dict, images: dict) -> list[str]:
                      f"{v['seconds']:.1f}{flag} | {v['seconds_per_slice']:.3f} | {v['peak_rss_mb']:.0f} | "
                      f"{v.get('base_rss_mb', float('nan')):.0f} | {gpu} |")
     lines += ["", _ratio_line(s), "", f"![time vs volume size]({images.get('speed_time', '')})", ""]
-    return lines
+    return lines + _user_runs_table(s.get("user_runs", []))
+
+
+def _user_runs_table(runs: list[dict]) -> list[str]:
+    """`medgen run` as users meet it (python -m medgen_dev.bench.stages): a fresh process reading
+    and writing real files, so imports, model load and I/O count; "warm" repeats the engine in
+    the same process (Slicer's worker, `medgen batch`). Method "auto" includes the self-check."""
+    if not runs:
+        return []
+    lines = ["### As users run it", "",
+             "A fresh process per row (`python -m medgen_dev.bench.stages --shape ... --method ...`): "
+             "imports, reading, model load, the engine and writing, on the shipped MNI152 sample "
+             "resampled to the size, 8 labelled slices (or 8 example pairs for denoising) over the "
+             "middle 80 %. Cold = the whole process including interpreter start; warm = the engine "
+             "again in the same process (as in Slicer's worker or `medgen batch`).", "",
+             "| task | volume (z, y, x) | labels | method | cold wall (s) | imports + reading (s) | engine (s) "
+             "| warm engine (s) | peak RSS (MB) | what ran |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        st = r["stages"]
+        engine = sum(st[k] for k in ("interpolation", "model", "crops/resampling", "engine other"))
+        warm = "–" if r.get("warm_engine") is None else f"{r['warm_engine']:.1f}"
+        lines.append(f"| {r['task']} | {tuple(r['shape'])} | {r['labels']} | {r['method']} | {r['cold_wall']:.1f} | "
+                     f"{st['imports'] + st['reading']:.1f} | {engine:.1f} | {warm} | {r['peak_rss_mb']:.0f} | "
+                     f"{'; '.join(r['chosen'])} |")
+    return lines + [""]
 
 
 def _ratio_line(s: dict) -> str:

@@ -446,7 +446,22 @@ def speed(model, cfg: BenchConfig, device: str, model_spec: str | None, log: Log
                 for task, net, cut in runs:
                     out["volumes"].append(sp.measure_volume(task, shape, k, dev, net, model_spec, slab=cut))
                     _log_speed(log, out["volumes"][-1])
+    out["user_runs"] = [_user_run(r, model_spec, log) for r in cfg.speed.user_runs]
     return out
+
+
+def _user_run(r: dict, model_spec: str | None, log: Log) -> dict:
+    """One `medgen run` as a user meets it: a fresh process, per stage, cold and (if asked) warm."""
+    from medgen_dev.bench import stages
+
+    m = stages.measure(r["shape"], r["labels"], r["task"], r["warm"], r["method"], model_spec)
+    warm = m["runs"][1]["engine"] if len(m["runs"]) > 1 else None
+    row = {**r, "shape": list(r["shape"]), "cold_wall": m["cold_wall"], "stages": m["stages"],
+           "warm_engine": warm, "peak_rss_mb": m["peak_rss_mb"], "chosen": m["chosen"]}
+    log(f"user run {r['task']} {tuple(r['shape'])} {r['labels']} label(s) method {r['method']}: cold "
+        f"{row['cold_wall']:.1f} s" + (f", warm {warm:.1f} s" if warm is not None else "")
+        + f", peak RSS {row['peak_rss_mb']:.0f} MB; {'; '.join(row['chosen'])}")
+    return row
 
 
 def _log_speed(log: Log, r: dict) -> None:

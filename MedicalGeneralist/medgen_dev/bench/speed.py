@@ -192,7 +192,8 @@ def volume_run(task: str, shape: tuple[int, int, int], k: int, device: str, net:
             noisy = vol.with_array(vol.array + np.random.default_rng(0).normal(0, 10, vol.shape).astype(np.float32))
             examples = pairs_from_volumes(noisy, vol, 0, idx, "denoise", "mr", own=False)
             vol = _slab(noisy, slab)  # denoising is slice by slice: a slab costs its share
-        run(network, vol, examples, RunOptions(task, 0, "mr", device))
+        # the network against the reference network: the model's own path, no self-check
+        run(network, vol, examples, RunOptions(task, 0, "mr", device, method="model"))
         done = vol.shape[0]
     seconds = time.perf_counter() - start
     gpu = torch.cuda.max_memory_allocated() / 2 ** 20 if torch.device(device).type == "cuda" else None
