@@ -25,6 +25,7 @@ from medgen.core.volume import Volume, parse_axis
 from medgen.infer import classical, selfcheck
 from medgen.infer.interpolate import fill_between_slices
 from medgen.infer.pipeline import RunOptions, run, run_with_report
+from medgen.infer.segment import SegmentSettings
 from medgen.io.images import read_volume, write_volume
 from medgen.prompts import pairs_from_volumes
 
@@ -137,7 +138,8 @@ ESTIMATE_KEYS = {"name": str, "metric": str, "chosen": str, "estimate": (float, 
 
 @pytest.mark.model
 def test_forced_method_and_report_sidecar(lung_files) -> None:
-    """`--method registration` gives exactly SimpleITK's demons propagation; the sidecar says so."""
+    """`--method registration` gives exactly SimpleITK's demons propagation with the runtime's
+    stop rules on its open ends; the sidecar says so."""
     folder, image_path, label_path = lung_files
     out, report = folder / "forced.nii.gz", folder / "forced.json"
     done = _medgen("run", "--task", "segment", "--image", str(image_path), "--context-target",
@@ -149,9 +151,19 @@ def test_forced_method_and_report_sidecar(lung_files) -> None:
     assert data["method"] == "registration" and data["estimates"][0]["chosen"] == "registration"
     image, label = read_volume(image_path), read_volume(label_path, label=True).array
     given = {s: label[s] > 0 for s in (17, 23)}
-    expected = classical.registration_propagate(fit_normalizer(image.array, "ct", clip=True)(image.array),
-                                                given, image.slice_spacing(0))
+    normed = fit_normalizer(image.array, "ct", clip=True)(image.array)
+    geometry = (image.slice_spacing(0), image.slice_thickness(0), SegmentSettings().extent)
+    expected = selfcheck.cap_open_ends(classical.registration_propagate(
+        normed, given, image.slice_spacing(0), reach=max(selfcheck.end_reaches(given, *geometry)),
+        tissue_stop=True), given, *geometry)
     np.testing.assert_array_equal(read_volume(out, label=True).array > 0, expected)
+    # plain demons (the bench's baseline, as a user would run it) carries the lesion to the
+    # volume's edges; the runtime's open ends stop within the reach of the lesion's radius
+    plain = classical.registration_propagate(normed, given, image.slice_spacing(0))
+    assert plain[0].any() and plain[-1].any()
+    low, high = selfcheck.end_reaches(given, *geometry)
+    present = np.nonzero(expected.any((1, 2)))[0]
+    assert present[0] >= 17 - low and present[-1] <= 23 + high < label.shape[0] - 1
 
 
 @pytest.mark.model

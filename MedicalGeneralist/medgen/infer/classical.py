@@ -50,7 +50,8 @@ def registration_propagate(slices: np.ndarray, given: dict[int, np.ndarray],
                            spacing: tuple[float, float], iterations: int = 40,
                            parts: tuple[str, ...] = ("between", "beyond"),
                            stop_at: int | None = None, box: tuple[slice, slice] | None = None,
-                           fields: FieldCache | None = None, offset: int = 0) -> np.ndarray:
+                           fields: FieldCache | None = None, offset: int = 0,
+                           reach: int | None = None, tissue_stop: bool = False) -> np.ndarray:
     """Slice-to-slice deformable registration (SimpleITK fast symmetric forces demons) carries each
     labelled slice's mask outward, slice by slice; between two labelled slices both directions run
     and are blended linearly by distance. Open ends stop when the carried mask vanishes.
@@ -61,7 +62,12 @@ def registration_propagate(slices: np.ndarray, given: dict[int, np.ndarray],
     is wanted (the self-check's hidden slice): chains stop there, which gives the same answer at
     that slice for half the registrations. `box`: the registration window (default: around
     `given`); `fields`: a cache shared between calls on the same volume (see FieldCache), where
-    `slices` starts at slice `offset` of that volume."""
+    `slices` starts at slice `offset` of that volume. `reach`: open ends stop after that many
+    slices (the runtime's stop rule; the bench's baseline, as users run it, has none).
+    `tissue_stop`: an open end also stops where the carried mask's median intensity leaves the
+    5-95th percentile range of the structure on its labelled slice: demons keeps a mask alive
+    past the structure's end (it always finds something to match), but the tissue under the
+    mask then changes (a lung lesion's end leaves the mask over air)."""
     import SimpleITK as sitk
 
     n = slices.shape[0]
@@ -80,14 +86,19 @@ def registration_propagate(slices: np.ndarray, given: dict[int, np.ndarray],
         if stop_at is not None and not min(origin, end) < stop_at < max(origin, end):
             continue
         mask = given[origin][box[0], box[1]].astype(np.float32)
+        inside = crops[origin][mask > 0.5]
+        band = np.percentile(inside, (5, 95)) if tissue_stop and span is None and inside.size else None
         for s in range(origin + step, end, step):
             key = (box[0].start, box[0].stop, box[1].start, box[1].stop, offset + s, offset + s - step)
             mask = (_warp(demons, crops[s], crops[s - step], mask, spacing, fields, key) >= 0.5
                     ).astype(np.float32)
+            if band is not None and mask.max() >= 0.5 and not band[0] <= np.median(crops[s][mask > 0.5]) <= band[1]:
+                break  # the tissue under the carried mask is no longer the structure's
             w = 1.0 if span is None else max(1e-3, 1 - abs(s - origin) / span)
             acc[s] += w * mask
             wsum[s] += w
-            if span is None and mask.max() < 0.5 or s == stop_at:
+            if span is None and (mask.max() < 0.5 or reach is not None and abs(s - origin) >= reach) \
+                    or s == stop_at:
                 break
     out = np.zeros(slices.shape, bool)
     out[:, box[0], box[1]] = acc / np.maximum(wsum, 1e-6)[:, None, None] >= 0.5

@@ -215,12 +215,7 @@ class VolumeSegmenter:
         return out
 
     def _reach(self, mask: np.ndarray, labelled: int) -> int:
-        """Slices a stopping chain may cover: `extent` equivalent radii, at least one slice."""
-        if not self.thickness:
-            return 1 << 30
-        radius = np.sqrt(mask.sum() * self.spacing[0] * self.spacing[1] / np.pi)
-        factor = self.settings.extent[0] if labelled < 2 else self.settings.extent[1]
-        return max(1, int(np.ceil(factor * radius / self.thickness)))
+        return reach(mask, self.spacing, self.thickness, labelled, self.settings.extent)
 
     def propagate(self) -> np.ndarray:
         n, shape = self.slices.shape[0], self.slices.shape[1:]
@@ -288,6 +283,19 @@ class VolumeSegmenter:
             c.empties = 0 if area > self.settings.min_area * c.origin_area else c.empties + 1
             if self.settings.memory:
                 c.memory = (c.memory + [mem.index([i])])[-self.settings.memory:]
+
+
+def reach(mask: np.ndarray, spacing: tuple[float, float], thickness: float | None, labelled: int,
+          extent: tuple[float, float] = SegmentSettings.extent) -> int:
+    """Slices a chain past the outermost labelled slice may cover: `extent` equivalent radii of
+    the structure on the slice it starts from, at least one (see the module docstring). The
+    self-check caps the classical candidates' open ends by the same rule: registration and
+    nearest copy never stop on their own and otherwise carry the mask to the volume's edge."""
+    if not thickness:
+        return 1 << 30
+    radius = np.sqrt(mask.sum() * spacing[0] * spacing[1] / np.pi)
+    factor = extent[0] if labelled < 2 else extent[1]
+    return max(1, int(np.ceil(factor * radius / thickness)))
 
 
 def keep_connected(prob: np.ndarray, previous: np.ndarray, threshold: float) -> np.ndarray:
