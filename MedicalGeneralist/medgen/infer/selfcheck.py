@@ -14,6 +14,10 @@ user's geometry, which has two different jobs:
 - *beyond* the outermost labelled slices (extrapolation): the outermost labelled slice of the
   structure is hidden and predicted from the next one inwards, a one-sided carry over one gap,
   as the run's open ends carry the structure outwards.
+Registration and nearest copy never stop on their own past the outermost labelled slice; in the
+run (and in the folds, so both see the same method) their open ends stop by the model's rule
+(segment.reach: one equivalent radius of the structure) and registration also where the tissue
+under the carried mask changes (classical.registration_propagate's tissue_stop).
 Each fold runs on the stack of slices from the hidden slice's labelled neighbour(s) to itself
 (the candidates never see further than that geometry needs); the other examples still join the
 model's context, as in the run. The best method is chosen separately for the two jobs (fill
