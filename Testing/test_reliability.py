@@ -281,10 +281,15 @@ def test_item8_ctrl_c_during_the_itk_import_exits_130_and_writes_nothing(small_c
         time.sleep(3.0)  # ITK's lazy loading takes about 10 s here; at its very start nothing swallows
         if proc.poll() is not None:  # a much faster machine: the probe cannot land inside the import
             pytest.skip("ITK's import and the run ended within 3 s; no signal could land inside it")
+        sent = time.time()
         proc.send_signal(signal.SIGINT)
         _, rest = proc.communicate(timeout=180)
     finally:
         proc.kill()
+    if proc.returncode == 0 and out.exists() and out.stat().st_mtime < sent:
+        # seen once on a loaded machine: the run had finished and written (atomically) before
+        # the signal, which then landed in interpreter teardown, not inside ITK's import
+        pytest.skip("the run had written its output before the signal was sent")
     assert proc.returncode == 130, rest
     assert "interrupted" in rest and not out.exists()
 

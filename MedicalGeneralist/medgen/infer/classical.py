@@ -36,7 +36,7 @@ class FieldCache(dict):
     labelled slice to the hidden one is the run's chain, one slice longer), so with this cache the
     run reuses them instead of paying for them twice."""
 
-    def __init__(self, budget_bytes: int = 1 << 30) -> None:
+    def __init__(self, budget_bytes: int = 512 << 20) -> None:
         super().__init__()
         self.room = budget_bytes
 
