@@ -155,8 +155,6 @@ class SegmentContext:
     threshold: float = 0.5
     cancel: Callable[[], bool] = lambda: False
     fields: classical.FieldCache = field(default_factory=classical.FieldCache)  # shared with the run
-    thickness: float | None = None  # slice spacing along the propagation axis (mm)
-    extent: tuple[float, float] = (1.5, 1.0)  # the open ends' reach in radii (segment.reach)
 
 
 def fold_slices(given: list[int], max_folds: int = MAX_FOLDS) -> list[int]:
@@ -501,8 +499,7 @@ def run_segmentation(model, device, image, examples: list[Example], options, mod
                                   thickness=image.slice_thickness(axis), fill_backends=dense)
             return seg.propagate()
         ctx = SegmentContext(slices, examples, labels, model_fold, reg_norm, spacing,
-                             options.segment.threshold, cancel or (lambda: False), fields,
-                             image.slice_thickness(axis), options.segment.extent)
+                             options.segment.threshold, cancel or (lambda: False), fields)
         estimates = choose_segmentation(check_segmentation(ctx, _part(progress, 0.0, 0.5)), labels, own)
     else:
         estimates = forced("segment", method, [f"label {v}" for v in labels], len(own))
