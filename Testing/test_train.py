@@ -63,12 +63,13 @@ def sampler(shared_data: Path) -> EpisodeSampler:
     return EpisodeSampler(load_cases(shared_data, busi_limit=10), grid=64, seed=0)
 
 
-@pytest.mark.parametrize("kind", ["segment3d", "pseudo3d", "segment2d", "denoise", "inpaint", "synthesize"])
+@pytest.mark.parametrize("kind", ["segment3d", "pseudo3d", "segment2d", "synthetic", "denoise", "inpaint",
+                                  "synthesize"])
 def test_every_episode_kind_is_well_formed(sampler: EpisodeSampler, kind: str) -> None:
     ep = getattr(sampler, f"_{kind}")(3)
     assert ep.ctx_images.shape == (3, 64, 64) and ep.query.shape == (64, 64)
     assert ep.target.shape == (64, 64) and np.isfinite(ep.ctx_images).all()
-    if kind.startswith("segment"):
+    if kind.startswith("segment") or kind == "synthetic":
         assert ep.ctx_targets.any(), "segmentation examples must show the structure"
 
 
@@ -151,3 +152,24 @@ def test_misspelt_ablation_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="unknown training config field.*stpes"):
         TrainConfig.from_file(config)
     assert TrainConfig(task_weights={"pseudo3d": 0}).task_weights == {"pseudo3d": 0}
+
+
+def test_fixed_length_run_continues_the_shipped_model(shared_data: Path, tmp_path: Path) -> None:
+    """The script a GPU session runs, on the CPU: starts from the shipped weights with the shipped
+    recipe and leaves checkpoint, log and run.json in one folder."""
+    from safetensors.torch import load_file
+
+    from medgen_dev.train.fixed_run import main, shipped_recipe
+
+    out = tmp_path / "fixed"
+    assert main(["--out", str(out), "--steps", "2", "--batch", "2", "--minutes", "5",
+                 "--data", str(shared_data)]) == 0
+    info = json.loads((out / "run.json").read_text())
+    assert info["device"] == "cpu" and info["steps_done"] == 2
+    start = load_file(str(shipped_recipe()[1]))
+    after = load_file(str(out / "model.safetensors"))
+    assert start.keys() == after.keys()
+    moved = [n for n in start if not np.array_equal(start[n].numpy(), after[n].numpy())]
+    assert moved and len(moved) < len(start) + 1  # trained from the shipped weights, not from scratch
+    drift = max(float((start[n] - after[n]).abs().max()) for n in start)
+    assert drift < 0.05, "two small steps from the shipped weights cannot move them this far"

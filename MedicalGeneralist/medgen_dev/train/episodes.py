@@ -16,15 +16,18 @@ import numpy as np
 from scipy import ndimage
 
 from medgen_dev.train.augment import augment
-from medgen.core.config import modality_index, task_index
+from medgen.core.config import MODALITIES, modality_index, task_index
 from medgen_dev.train.datasets import Case
 from medgen.infer.imagetasks import classical_denoise, classical_fill, linear_start
 from medgen.core.grid import Box, box_around, crop, full_box, structure_width, to_grid, working_side
 from medgen_dev.train.priors import PriorSampler
 from medgen_dev.train.pseudotasks import Supervoxels
+from medgen_dev.train.synthetic import SyntheticTasks
 
-DEFAULT_TASKS = {"segment3d": 0.36, "pseudo3d": 0.1, "segment2d": 0.12, "denoise": 0.15,
-                 "inpaint": 0.13, "synthesize": 0.14}
+DEFAULT_TASKS = {"segment3d": 0.3, "pseudo3d": 0.08, "segment2d": 0.1, "synthetic": 0.14,
+                 "denoise": 0.13, "inpaint": 0.12, "synthesize": 0.13}
+BLIND_MODALITY = 0.25  # share of real segmentation episodes whose modality index is drawn at random
+SEGMENT_TASK = task_index("segment")
 
 
 @dataclass
@@ -48,6 +51,7 @@ class EpisodeSampler:
         self.augment = augment
         self.priors = PriorSampler(self.rng, priors)
         self.pseudo = Supervoxels()
+        self.synthetic = SyntheticTasks(self.rng, grid)
         self.grid = grid
         self.vol_seg = [c for c in cases if c.labels is not None and not c.is_2d]
         self.flat_seg: dict[str, list[Case]] = {}
@@ -88,7 +92,17 @@ class EpisodeSampler:
         p = np.asarray([self.weights[n] for n in names], dtype=float)
         name = names[int(self.rng.choice(len(names), p=p / p.sum()))]
         episode = getattr(self, f"_{name}")(k)
+        if self.augment and episode.task == SEGMENT_TASK and self.rng.random() < BLIND_MODALITY:
+            # the modality alone names the task on real data (ultrasound -> lesion): hide it
+            # sometimes so that the examples must carry it
+            episode.modality = int(self.rng.integers(len(MODALITIES)))
         return augment(episode, self.rng) if self.augment else episode
+
+    def _synthetic(self, k: int) -> Episode:
+        """An invented task (synthetic.py): unaligned examples are the only way to know it."""
+        images, targets, modality = self.synthetic.pairs(k)
+        z = np.zeros_like(images[0])
+        return Episode(images[1:], targets[1:], images[0], targets[0], z, z, SEGMENT_TASK, modality)
 
     def _segment3d(self, k: int) -> Episode:
         case = self.vol_seg[int(self.rng.integers(len(self.vol_seg)))]

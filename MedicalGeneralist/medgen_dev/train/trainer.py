@@ -234,7 +234,7 @@ def _validation_batches(cases, cfg: TrainConfig, grid: int) -> list[dict[str, np
 
 def _can_draw(sampler: EpisodeSampler, name: str) -> bool:
     need = {"segment3d": sampler.vol_seg, "pseudo3d": sampler.vols, "segment2d": sampler.flat_seg,
-            "synthesize": sampler.multi_contrast}
+            "synthesize": sampler.multi_contrast, "synthetic": []}  # validation: real held-out cases only
     return bool(need.get(name, sampler.images))
 
 
