@@ -114,7 +114,7 @@ class MedicalGeneralistParameterNode:
     rangeMode: Annotated[str, Choice(["whole", "between", "around"]), Default("whole")]
     rangeSlices: Annotated[int, WithinRange(0, 500), Default(10)]
     propagationMode: Annotated[str, Choice(["auto", "propagate", "independent"]), Default("auto")]
-    adaptSteps: Annotated[int, WithinRange(0, 500), Default(0)]
+    adaptSteps: Annotated[int, WithinRange(-1, 500), Default(-1)]  # -1: "auto", the engine's default
     outputSegmentation: vtkMRMLSegmentationNode
 
 
@@ -673,7 +673,7 @@ class MedicalGeneralistLogic(ScriptedLoadableModuleLogic):
         return RunRequest(
             input_volume=p.inputVolume, task=p.task, examples=examples, segment_names=names, model=model,
             device=p.device, modality=p.modality, range_mode=p.rangeMode, range_slices=p.rangeSlices,
-            mode=p.propagationMode, adapt_steps=p.adaptSteps,
+            mode=p.propagationMode, adapt_steps=None if p.adaptSteps < 0 else p.adaptSteps,
             output_segmentation=p.outputSegmentation if p.task == "segment" else None,
             mask_segmentation=p.maskSegmentation if p.task == "inpaint" else None)
 

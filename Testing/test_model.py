@@ -157,3 +157,27 @@ def test_pipeline_is_deterministic(model, sample_t1, sample_tissue) -> None:
     one = run(model, slab, denoise, RunOptions("denoise", 0, "mr", "cpu", seed=3)).array
     two = run(model, slab, denoise, RunOptions("denoise", 0, "mr", "cpu", seed=3)).array
     np.testing.assert_array_equal(one, two)
+
+
+def test_examples_from_other_images_adapt_a_copy_by_default(model, sample_t1, sample_tissue) -> None:
+    """Cross-subject examples are learnt from (test-time adaptation, pipeline.CROSS_SUBJECT_ADAPT_STEPS)
+    unless the user sets the steps; the shared model is never changed. Real slices of the sample,
+    each one its own 2D 'subject'."""
+    from medgen.infer.pipeline import _adapted
+
+    def as_2d(i: int) -> tuple[Volume, Volume]:
+        img = Volume(sample_t1.array[i][None].astype(np.float32), sample_t1.spacing, is_2d=True)
+        return img, img.with_array((sample_tissue.array[i][None] == 2).astype(np.uint8))
+
+    examples = [e for i in (30, 50) for e in pairs_from_volumes(*as_2d(i), 0, None, "segment", "mr", own=False)]
+    before = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    options = RunOptions("segment", 0, "mr", "cpu")
+    tuned = _adapted(model, "cpu", examples, options, in_volume=False)
+    assert tuned is not model
+    assert any(not torch.equal(before[n], p) for n, p in tuned.state_dict().items())
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
+    assert _adapted(model, "cpu", examples, options, in_volume=True) is model  # propagation: none
+    off = RunOptions("segment", 0, "mr", "cpu", adapt_steps=0)
+    assert _adapted(model, "cpu", examples, off, in_volume=False) is model
+    image_task = RunOptions("denoise", 0, "mr", "cpu")
+    assert _adapted(model, "cpu", examples, image_task, in_volume=False) is model

@@ -50,7 +50,7 @@ class RunRequest:
     range_mode: str = "whole"  # whole volume / between the labelled slices / N slices around them
     range_slices: int = 10
     mode: str = "propagate"
-    adapt_steps: int = 0
+    adapt_steps: int | None = None  # None: the engine's default (pipeline.CROSS_SUBJECT_ADAPT_STEPS)
     output_segmentation: slicer_io.MRMLNode | None = None  # None: a NEW segmentation node
     mask_segmentation: slicer_io.MRMLNode | None = None  # inpainting: all its segments mark the holes
     threads: int | None = None
@@ -115,7 +115,7 @@ def _check_request(r: RunRequest) -> None:
         raise InputError(f"unknown modality {r.modality!r}: choose auto or one of {', '.join(MODALITIES)}")
     if r.range_mode not in RANGE_MODES:
         raise InputError(f"unknown range {r.range_mode!r}: choose one of {', '.join(RANGE_MODES)}")
-    if r.range_slices < 0 or r.adapt_steps < 0:
+    if r.range_slices < 0 or (r.adapt_steps or 0) < 0:
         raise InputError("the slice count and adaptation steps cannot be negative")
     slicer_io.check_scalar_volume(r.input_volume, "input volume")
     if r.task == "inpaint" and r.mask_segmentation is None:

@@ -91,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--modality", choices=["ct", "mr", "xray", "us", "other"], help="default: guessed (CT from HU values, else other)")
     r.add_argument("--model", default=None, help="model id from Models.json, a local path, or hf://org/repo@revision")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    r.add_argument("--adapt-steps", type=_whole(0, 100_000), default=0, help="test-time fine-tuning steps on the examples (default 0)")
+    r.add_argument("--adapt-steps", type=_whole(0, 100_000), default=None,
+                   help="test-time fine-tuning steps on the examples (default: 40 when segmenting "
+                        "from other images' examples, else 0; 0 turns it off)")
     r.add_argument("--seed", type=_whole(0, 2**32 - 1), default=0, help="random seed (0..4294967295)")
     r.add_argument("--mode", choices=["auto", "propagate", "independent"], default="auto",
                    help="segmentation: march from the image's own labelled slices (propagate), each "

@@ -30,10 +30,14 @@ AUGMENT = Compose([
 
 def adapt(model: InContextUNet, images: np.ndarray, targets: np.ndarray, task: int, modality: int,
           steps: int = 0, seconds: float = 0.0, lr: float = 1e-4, seed: int = 0,
-          cancel=None) -> InContextUNet:
+          cancel=None, context: int = 4, window: int = 0) -> InContextUNet:
     """Fine-tune a copy on grid-sized example pairs [L, k, S, S] (L runs, e.g. one per label).
 
-    Returns the copy in eval mode; each step draws one run and one left-out example of it.
+    Returns the copy in eval mode; each step draws one run, one left-out example of it and up to
+    `context` of the others as its pairs, so a step costs the same with 4 examples or 16 and
+    every example is still learnt from over the steps. Pairs larger than `window` (a whole image
+    sampled finely for thin structures) are cut to a window around a random foreground pixel,
+    at the scale the run sees them, as training's cross-subject episodes are.
     """
     if steps <= 0 and seconds <= 0:
         return model
@@ -49,9 +53,9 @@ def adapt(model: InContextUNet, images: np.ndarray, targets: np.ndarray, task: i
         if cancel is not None and cancel():
             raise Cancelled("cancelled by the user during adaptation; nothing was written")
         run, q = int(rng.integers(runs)), int(rng.integers(k))
-        ctx = [i for i in range(k) if i != q] or [q]
-        pairs = [AUGMENT({"image": images[run, i][None], "target": targets[run, i][None]})
-                 for i in ctx + [q]]
+        others = [i for i in range(k) if i != q]
+        ctx = [int(i) for i in rng.permutation(others)[:context]] or [q]
+        pairs = [AUGMENT(_cut(images[run, i], targets[run, i], window, rng)) for i in ctx + [q]]
         t = lambda key, sel: torch.stack([torch.as_tensor(np.asarray(p[key])) for p in sel]).float().to(device)
         ci, ct = t("image", pairs[:-1])[None], t("target", pairs[:-1])[None]
         qi, qt = t("image", pairs[-1:]), t("target", pairs[-1:])
@@ -64,3 +68,16 @@ def adapt(model: InContextUNet, images: np.ndarray, targets: np.ndarray, task: i
         opt.step()
         step += 1
     return tuned.eval()
+
+
+def _cut(image: np.ndarray, target: np.ndarray, window: int, rng: np.random.Generator) -> dict:
+    """A window x window piece around a random foreground pixel (jittered), or the whole pair."""
+    side = image.shape[-1]
+    if not window or side <= window:
+        return {"image": image[None], "target": target[None]}
+    fg = np.argwhere(target > 0.5)
+    centre = fg[int(rng.integers(len(fg)))] if len(fg) else np.array(image.shape) // 2
+    r0, c0 = np.clip(centre + rng.integers(-window // 3, window // 3 + 1, 2) - window // 2, 0,
+                     np.array(image.shape) - window).astype(int)
+    box = (slice(r0, r0 + window), slice(c0, c0 + window))
+    return {"image": image[box][None], "target": target[box][None]}

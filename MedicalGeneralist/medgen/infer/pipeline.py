@@ -23,11 +23,19 @@ from medgen.infer.selfcheck import SelfCheckReport
 from medgen.core.intensity import fit_normalizer
 from medgen.nn.model import InContextUNet
 from medgen.infer.predictor import Predictor
-from medgen.infer.segment import SegmentSettings, VolumeSegmenter, combine_labels, label_dtype
+from medgen.infer.segment import (SegmentSettings, VolumeSegmenter, combine_labels, label_dtype,
+                                  whole_image_side)
 from medgen.core.volume import Volume, slice_view
 
 Progress = Callable[[float, str], None]
 LABEL_PASS_BYTES = 1 << 30
+# Examples from other images (cross-subject) are read twice: by the network's context pathway and
+# by this many fine-tuning steps on them (adapt.py). The context pathway alone recognises the
+# domain and gives the same Dice whatever the number of examples; fine-tuning learns from each
+# one (bench, BUSI held-out clusters, docs/BENCHMARKS.md: Dice against k). In-volume propagation
+# does not adapt by default: there the labelled neighbours already carry the structure and the
+# same fine-tuning lost Dice (model card, "AR + TTA").
+CROSS_SUBJECT_ADAPT_STEPS = 40
 
 
 @dataclass
@@ -38,7 +46,7 @@ class RunOptions:
     device: str = "auto"
     threads: int | None = None
     seed: int = 0
-    adapt_steps: int = 0
+    adapt_steps: int | None = None  # None: CROSS_SUBJECT_ADAPT_STEPS from other images' examples, else 0
     adapt_seconds: float = 0.0
     segment: SegmentSettings = field(default_factory=SegmentSettings)
     method: str = "auto"  # "auto" (the self-check picks per label/task) or a method of selfcheck.methods
@@ -158,7 +166,8 @@ def _segment(model, device, image, examples, options, progress, cancel) -> np.nd
     # crops around the structure need its position in this volume: the image's own labelled slices
     in_volume = mode == "propagate" or all(e.slice_index is not None for e in examples) and not image.is_2d
     t, m = task_index("segment"), modality_index(options.modality)
-    predictor = Predictor(_adapted(model, device, examples, options, in_volume, cancel), device, cancel)
+    predictor = Predictor(_adapted(model, device, examples, options, in_volume, cancel, max(slices.shape[1:])),
+                          device, cancel)
     best = np.zeros(slices.shape, np.float16)
     out = np.zeros(slices.shape, label_dtype(labels))
     # labels per pass: their float32 probabilities (+ fill prior and its stack) fit in a fixed
@@ -188,19 +197,28 @@ def _segment(model, device, image, examples, options, progress, cancel) -> np.nd
     return np.ascontiguousarray(np.moveaxis(out, 0, options.axis))
 
 
-def _adapted(model, device, examples, options, in_volume, cancel=None) -> InContextUNet:
-    """Test-time adaptation on grid crops of the examples (no-op unless asked for)."""
-    if options.adapt_steps <= 0 and options.adapt_seconds <= 0:
+def _adapted(model, device, examples, options, in_volume, cancel=None, long_side: int = 0) -> InContextUNet:
+    """Test-time adaptation on grid crops of the examples: as many steps as asked, or by default
+    CROSS_SUBJECT_ADAPT_STEPS for a segmentation from other images' examples and none otherwise
+    (image tasks' examples are crops of the same kind of image: not measured to pay off)."""
+    steps = options.adapt_steps
+    if steps is None:
+        cross = options.task == "segment" and not in_volume and not options.adapt_seconds
+        steps = CROSS_SUBJECT_ADAPT_STEPS if cross else 0
+    if steps <= 0 and options.adapt_seconds <= 0:
         return model
     grid = model.config.grid
     if options.task == "segment":
         labels = example_labels(examples)
+        # the scale the run will see: a structure's box in-volume, else the whole image at the
+        # segmenter's side (finer than the grid for thin structures; adapt() then takes windows)
+        side = grid if in_volume else whole_image_side(examples, labels, long_side, model.config)
         imgs, tgts = [], []
         for value in labels:
             boxes = [(box_around(e.target == value, e.spacing) if in_volume else None)
                      or full_box(e.image.shape, e.spacing) for e in examples]
-            imgs.append([to_grid(e.image_norm(e.image), b, grid) for e, b in zip(examples, boxes)])
-            tgts.append([(to_grid((e.target == value).astype(np.float32), b, grid) > 0.5)
+            imgs.append([to_grid(e.image_norm(e.image), b, side) for e, b in zip(examples, boxes)])
+            tgts.append([(to_grid((e.target == value).astype(np.float32), b, side) > 0.5)
                          for e, b in zip(examples, boxes)])
         images, targets = np.asarray(imgs, np.float32), np.asarray(tgts, np.float32)
     else:
@@ -209,7 +227,7 @@ def _adapted(model, device, examples, options, in_volume, cancel=None) -> InCont
 
     model = model.to(device)
     return adapt(model, images, targets, task_index(options.task), modality_index(options.modality),
-                 options.adapt_steps, options.adapt_seconds, seed=options.seed, cancel=cancel)
+                 steps, options.adapt_seconds, seed=options.seed, cancel=cancel, window=grid)
 
 
 def _image_task(model, device, image, examples, options, mask, progress, cancel) -> np.ndarray:

@@ -86,6 +86,13 @@ class Chain:
         return max(1e-3, 1.0 - abs(s - self.start) / abs(b - a))
 
 
+def whole_image_side(examples: list[Example], labels: list[int], long_side: int, config) -> int:
+    """Without in-volume neighbours the whole image is the box: sample it finely enough that
+    thin structures (vessels) keep a few pixels of width on the grid."""
+    fractions = [structure_width(e.target == v) / max(e.target.shape) for e in examples for v in labels]
+    return working_side(fractions, long_side, config.grid, multiple=config.multiple)
+
+
 class VolumeSegmenter:
     """Holds the per-run state: normalised slices, the encoded prompt and the accumulators."""
 
@@ -106,12 +113,8 @@ class VolumeSegmenter:
         self.cache = self._encode_prompt()
 
     def _whole_image_side(self) -> int:
-        """Without in-volume neighbours the whole image is the box: sample it finely enough that
-        thin structures (vessels) keep a few pixels of width on the grid."""
-        grid = self.predictor.model.config.grid
-        fractions = [structure_width(e.target == v) / max(e.target.shape) for e in self.examples
-                     for v in self.labels]
-        return working_side(fractions, max(self.slices.shape[1:]), grid, multiple=self.predictor.model.config.multiple)
+        return whole_image_side(self.examples, self.labels, max(self.slices.shape[1:]),
+                                self.predictor.model.config)
 
     def _box(self, mask: np.ndarray, fallback: Box) -> Box:
         if not self.in_volume:

@@ -39,7 +39,7 @@ class JobOptions:
     device: str = "auto"
     threads: int | None = None
     seed: int = 0
-    adapt_steps: int = 0
+    adapt_steps: int | None = None  # None: the engine's default (pipeline.CROSS_SUBJECT_ADAPT_STEPS)
     mode: str = "auto"  # segmentation: auto, propagate (from the labelled slices) or independent
 
 
