@@ -19,7 +19,8 @@ import torch
 
 from medgen_dev.bench.baselines import CROSS_BASELINES, PROPAGATION_BASELINES
 
-SELF = ("ours", "auto")  # the model and the self-check's choice: not baselines
+CONTEXT_ONLY = "ours, context only"  # cross-subject: the network alone, without adaptation
+SELF = ("ours", "auto", CONTEXT_ONLY)  # the model, its ablation and the self-check's choice: not baselines
 from medgen_dev.bench.data import REPO_ROOT, BenchConfig
 
 HEADER = """# Benchmarks
@@ -329,12 +330,12 @@ def k_slopes(results: dict) -> list[dict]:
     """Dice of the model at the smallest and the largest k per cross-subject set (the slope
     tells whether more examples help, which a domain-recogniser's flat curve does not)."""
     out = []
-    rows = [r for r in results.get("cross_subject", {}).get("summary", []) if r["method"] == "ours"]
-    for name in dict.fromkeys(r["set"] for r in rows):
-        by_k = {r["k"]: r["dice"] for r in rows if r["set"] == name}
+    rows = [r for r in results.get("cross_subject", {}).get("summary", []) if r["method"] in ("ours", CONTEXT_ONLY)]
+    for name, method in dict.fromkeys((r["set"], r["method"]) for r in rows):
+        by_k = {r["k"]: r["dice"] for r in rows if (r["set"], r["method"]) == (name, method)}
         lo, hi = min(by_k), max(by_k)
-        out.append({"set": name, "k_low": lo, "k_high": hi, "dice_low": by_k[lo], "dice_high": by_k[hi],
-                    "gain": by_k[hi] - by_k[lo], "curve": by_k})
+        out.append({"set": name, "method": method, "k_low": lo, "k_high": hi, "dice_low": by_k[lo],
+                    "dice_high": by_k[hi], "gain": by_k[hi] - by_k[lo], "curve": by_k})
     return out
 
 
@@ -345,8 +346,8 @@ def in_context_section(results: dict) -> list[str]:
              "whatever target its examples show, and nearly the same Dice with another task's examples.", ""]
     slopes = k_slopes(results)
     if slopes:
-        lines += ["| cross-subject set | Dice by k (model) | gain from fewest to most examples |", "|---|---|---|"]
-        lines += [f"| {s['set']} | " + " · ".join(f"k={k} {v:.3f}" for k, v in sorted(s["curve"].items()))
+        lines += ["| cross-subject set | model | Dice by k | gain from fewest to most examples |", "|---|---|---|---|"]
+        lines += [f"| {s['set']} | {s['method']} | " + " · ".join(f"k={k} {v:.3f}" for k, v in sorted(s["curve"].items()))
                   + f" | {s['gain']:+.3f} |" for s in slopes] + [""]
     ic = results.get("in_context", {})
     if ic.get("rows"):
@@ -508,9 +509,11 @@ def calibration(rows: list[dict]) -> dict:
 
 
 def _cross_section(c: dict, images: dict) -> list[str]:
-    methods = ["ours", *CROSS_BASELINES]
+    methods = ["ours", CONTEXT_ONLY, *CROSS_BASELINES]
     lines = ["## 2. Cross-subject 2D segmentation", "",
-             "Mean Dice ± SD over queries. For scale only (different tasks and data, not comparable "
+             "Mean Dice ± SD over queries. *ours* is the default run: the network reads the examples "
+             "as context and is fine-tuned on them (pipeline.CROSS_SUBJECT_ADAPT_STEPS); *context only* "
+             "is the same network without the fine-tuning. For scale only (different tasks and data, not comparable "
              "row by row): UniverSeg reports about 0.66 Dice with 8 and 0.70 with 16 examples on its "
              "held-out tasks.", "",
              "| set | queries seen | examples seen | k | n | " + " | ".join(methods) + " |",

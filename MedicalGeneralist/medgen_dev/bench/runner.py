@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from medgen_dev.bench import baselines as bl
+from medgen_dev.bench.report import CONTEXT_ONLY
 from medgen_dev.bench.data import (DEFAULT_CONFIG, REPO_ROOT, BenchConfig, ImageCase, PairSet, Structure,
                          add_noise, config_from_folder, crop_around, even_slices, load_config,
                          load_structure, mask_on_image, spread_slices)
@@ -263,7 +264,7 @@ def _cross_one(model, ps: PairSet, query: tuple[Volume, np.ndarray], examples: l
     image, truth = query
     q2d = image.array[0].astype(np.float32)
     warped = [bl.atlas_register(q2d, e[0].array[0], e[1][0], seed) for e in examples]
-    methods: dict[str, dict[str, float]] = {"ours": {}, bl.CROSS_BASELINES[0]: {}, bl.CROSS_BASELINES[1]: {}}
+    methods: dict[str, dict[str, float]] = {m: {} for m in ("ours", CONTEXT_ONLY, *bl.CROSS_BASELINES)}
     preds = {}
     for k in ks:
         if k > len(examples):
@@ -272,8 +273,9 @@ def _cross_one(model, ps: PairSet, query: tuple[Volume, np.ndarray], examples: l
         for img, msk in examples[:k]:
             ex += pairs_from_volumes(img, img.with_array(msk.astype(np.uint8)), 0, None, "segment",
                                      ps.modality, own=False)
-        ours = run(model, image, ex, RunOptions("segment", 0, ps.modality, device, method="model")).array > 0
-        preds[k] = {"ours": ours[0], bl.CROSS_BASELINES[0]: bl.mean_of_masks([m[0] for _, m in examples[:k]], q2d.shape),
+        ours, context = (run(model, image, ex, RunOptions("segment", 0, ps.modality, device, method="model",
+                                                          adapt_steps=steps)).array[0] > 0 for steps in (None, 0))
+        preds[k] = {"ours": ours, CONTEXT_ONLY: context, bl.CROSS_BASELINES[0]: bl.mean_of_masks([m[0] for _, m in examples[:k]], q2d.shape),
                     bl.CROSS_BASELINES[1]: bl.majority_vote(warped[:k])}
         for name, pred in preds[k].items():
             methods[name][str(k)] = seg_scores(pred, truth[0], with_hd95=False)["dice"]
