@@ -22,7 +22,7 @@ import pytest
 from medgen.core.errors import InputError
 from medgen.core.intensity import fit_normalizer
 from medgen.core.volume import Volume, parse_axis
-from medgen.infer import classical, selfcheck
+from medgen.infer import classical, segment, selfcheck
 from medgen.infer.interpolate import fill_between_slices
 from medgen.infer.pipeline import RunOptions, run, run_with_report
 from medgen.infer.segment import SegmentSettings
@@ -154,14 +154,14 @@ def test_forced_method_and_report_sidecar(lung_files) -> None:
     normed = fit_normalizer(image.array, "ct", clip=True)(image.array)
     geometry = (image.slice_spacing(0), image.slice_thickness(0), SegmentSettings().extent)
     expected = selfcheck.cap_open_ends(classical.registration_propagate(
-        normed, given, image.slice_spacing(0), reach=max(selfcheck.end_reaches(given, *geometry)),
+        normed, given, image.slice_spacing(0), reach=max(segment.end_reaches(given, *geometry)),
         tissue_stop=True), given, *geometry)
     np.testing.assert_array_equal(read_volume(out, label=True).array > 0, expected)
     # plain demons (the bench's baseline, as a user would run it) carries the lesion to the
     # volume's edges; the runtime's open ends stop within the reach of the lesion's radius
     plain = classical.registration_propagate(normed, given, image.slice_spacing(0))
     assert plain[0].any() and plain[-1].any()
-    low, high = selfcheck.end_reaches(given, *geometry)
+    low, high = segment.end_reaches(given, *geometry)
     present = np.nonzero(expected.any((1, 2)))[0]
     assert present[0] >= 17 - low and present[-1] <= 23 + high < label.shape[0] - 1
 

@@ -12,6 +12,7 @@ Propagation methods take slices-first arrays (slice axis 0) and labelled slice i
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import numpy as np
@@ -105,6 +106,44 @@ def registration_propagate(slices: np.ndarray, given: dict[int, np.ndarray],
     for s, m in given.items():
         out[s] = m > 0
     return out
+
+
+def carry(fixed: np.ndarray, moving: np.ndarray, mask: np.ndarray, iterations: int = 20,
+          shrink: int = 2) -> np.ndarray:
+    """`mask` (a probability map on `moving`) carried onto `fixed` by demons registration of the
+    two images, for propagation's prior: the prior needs the structure's shift and bend from one
+    slice to the next, not its detail, so the field is estimated at 1/`shrink` resolution (a
+    quarter of the pixels) and applied at full resolution. Same-size 2D arrays, unit spacing.
+    20 iterations: the bench's propagation rows moved by at most 0.006 Dice against 40, for half
+    the time. One ITK thread: on images this small ITK's threading costs more than it gains (about 14
+    against 19 ms a call), and callers run several carries side by side instead (see carry_all)."""
+    import SimpleITK as sitk
+
+    f, m = sitk2d(fixed, (1.0, 1.0)), sitk2d(moving, (1.0, 1.0))
+    shrinker = sitk.BinShrinkImageFilter()
+    shrinker.SetShrinkFactors([shrink] * 2)
+    shrinker.SetNumberOfThreads(1)
+    demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
+    demons.SetNumberOfIterations(iterations)
+    demons.SetStandardDeviations(1.5)
+    demons.SetNumberOfThreads(1)
+    field = demons.Execute(shrinker.Execute(f), shrinker.Execute(m))
+    resample = sitk.ResampleImageFilter()
+    resample.SetReferenceImage(f)
+    resample.SetTransform(sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64)))
+    resample.SetNumberOfThreads(1)
+    return sitk.GetArrayFromImage(resample.Execute(sitk2d(mask, (1.0, 1.0))))
+
+
+def carry_all(jobs: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+    """`carry` for each (fixed, moving, mask), side by side on the machine's cores (SimpleITK
+    releases the GIL while it runs; two cores: 9 against 14 ms a carry)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if len(jobs) < 2:
+        return [carry(*j) for j in jobs]
+    with ThreadPoolExecutor(min(len(jobs), os.cpu_count() or 1)) as pool:
+        return list(pool.map(lambda j: carry(*j), jobs))
 
 
 def _chains(idx: list[int], n: int) -> list[tuple[int, int, int, int | None]]:

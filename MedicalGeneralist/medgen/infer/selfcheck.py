@@ -15,10 +15,11 @@ user's geometry, which has two different jobs:
   structure is hidden and predicted from the next one inwards, a one-sided carry over one gap,
   as the run's open ends carry the structure outwards.
 Registration and nearest copy never stop on their own past the outermost labelled slice; in the
-run their open ends stop by the model's rule (segment.reach: one equivalent radius of the
-structure) and registration also where the tissue under the carried mask changes
+run their open ends stop by the model's rule (segment.end_reaches: one equivalent radius of the
+structure, sooner where the labelled slices' area profile closes) and registration also where the tissue under the carried mask changes
 (classical.registration_propagate's tissue_stop). The folds measure how well each method carries
-the structure across a gap, so there no open end is capped by the reach (the model's included):
+the structure across a gap, so there no open end is capped by the reach or the profile (the
+model's included):
 the hidden outermost slice lies a whole gap out, mostly farther than the run's reach, and capped
 candidates would all score 0 (bench, k = 3: estimates of 0.04-0.07 and a choice by ties).
 Each fold runs on the stack of slices from the hidden slice's labelled neighbour(s) to itself
@@ -59,7 +60,7 @@ from pathlib import Path
 import numpy as np
 
 from medgen.core.errors import Cancelled, InputError
-from medgen.infer import classical, interpolate
+from medgen.infer import classical, interpolate, segment
 from medgen.prompts import Example
 
 SCHEMA_VERSION = 1
@@ -246,15 +247,6 @@ def _fold_predictions(ctx: SegmentContext, own: dict[int, Example], h: int, lo: 
     return out
 
 
-def end_reaches(labelled: dict[int, np.ndarray], spacing: tuple[float, float], thickness: float | None,
-                extent: tuple[float, float]) -> tuple[int, int]:
-    """Slices the open ends may cover below the first and above the last labelled slice."""
-    from medgen.infer.segment import reach
-
-    idx = sorted(s for s, m in labelled.items() if m.any())
-    return tuple(reach(labelled[i], spacing, thickness, len(idx), extent) for i in (idx[0], idx[-1]))
-
-
 def cap_open_ends(mask: np.ndarray, labelled: dict[int, np.ndarray], spacing: tuple[float, float],
                   thickness: float | None, extent: tuple[float, float]) -> np.ndarray:
     """A slices-first mask cut to the reach of the model's open ends past the outermost labelled
@@ -264,7 +256,7 @@ def cap_open_ends(mask: np.ndarray, labelled: dict[int, np.ndarray], spacing: tu
     idx = sorted(s for s, m in labelled.items() if m.any())
     if not idx:
         return mask
-    down, up = end_reaches(labelled, spacing, thickness, extent)
+    down, up = segment.end_reaches(labelled, spacing, thickness, extent)
     lo, hi = idx[0] - down, idx[-1] + up
     out = mask.copy()
     out[:max(lo, 0)] = False
@@ -487,7 +479,8 @@ def run_segmentation(model, device, image, examples: list[Example], options, mod
         # folds score how well each method carries the structure over a gap, so no open end is
         # capped there (the hidden outermost slice lies a whole gap out, farther than the run's
         # reach, and every capped candidate would score 0); the run itself keeps the caps
-        settings = replace(options.segment, mode="propagate", extent=(FOLD_REACH, FOLD_REACH))
+        settings = replace(options.segment, mode="propagate", extent=(FOLD_REACH, FOLD_REACH),
+                           profile_stop=False)
         dense = {v: "distance" for v in labels
                  if sum(bool(np.any(t == v)) for t in own.values()) >= interpolate.DENSE}
 
@@ -526,7 +519,7 @@ def run_segmentation(model, device, image, examples: list[Example], options, mod
             return np.zeros(slices.shape, bool)
         if m == "registration":
             return stop(classical.registration_propagate(reg_norm(slices), mine, spacing, parts=parts,
-                                                         fields=fields, reach=max(end_reaches(mine, *geometry)),
+                                                         fields=fields, reach=max(segment.end_reaches(mine, *geometry)),
                                                          tissue_stop=True))
         stack = np.zeros(slices.shape, bool)
         for s in with_v:
