@@ -460,9 +460,9 @@ def self_check_section(rows: list[dict]) -> list[str]:
              "`auto` (the default method) hides labelled slices in turn, scores the model, fill between "
              "slices, registration and nearest copy on them, and runs the best (between and beyond "
              "the labelled slices separately; `medgen/infer/selfcheck.py`). Its registration and nearest copy "
-             "stop their open ends as the model does (one equivalent radius past the outermost labelled slice; "
-             "registration also where the tissue under the mask changes), unlike the plain baselines in the "
-             "columns beside it. Dice of the slices not given.", "",
+             "stop their open ends as the model does (one equivalent radius past the outermost labelled slice, "
+             "sooner where the labelled slices' area profile closes; registration also where the tissue "
+             "under the mask changes), unlike the plain baselines in the columns beside it. Dice of the slices not given.", "",
              "| seen | k | n | auto | best single on the mean | auto − best | worst row: auto − best on that row |",
              "|---|---|---|---|---|---|---|"]
     for seen, k in dict.fromkeys((r["seen"], r["k"]) for r in rows):
