@@ -16,12 +16,11 @@ user's geometry, which has two different jobs:
   as the run's open ends carry the structure outwards.
 Registration and nearest copy never stop on their own past the outermost labelled slice; in the
 run their open ends stop by the model's rule (segment.end_reaches: one equivalent radius of the
-structure, sooner where the labelled slices' area profile closes) and registration also where the tissue under the carried mask changes
-(classical.registration_propagate's tissue_stop). The folds measure how well each method carries
-the structure across a gap, so there no open end is capped by the reach or the profile (the
-model's included):
-the hidden outermost slice lies a whole gap out, mostly farther than the run's reach, and capped
-candidates would all score 0 (bench, k = 3: estimates of 0.04-0.07 and a choice by ties).
+structure, sooner where the labelled slices' area profile closes) and registration also where
+the tissue under the carried mask changes (classical.registration_propagate's tissue_stop). The
+folds measure how well each method carries the structure across a gap, so there no open end is
+capped by the reach or the profile (the model's included): the hidden outermost slice lies a
+whole gap out, mostly farther than the run's reach, and capped candidates would all score 0 (bench, k = 3: estimates of 0.04-0.07 and a choice by ties).
 Each fold runs on the stack of slices from the hidden slice's labelled neighbour(s) to itself
 (the candidates never see further than that geometry needs); the other examples still join the
 model's context, as in the run. The best method is chosen separately for the two jobs (fill
