@@ -228,3 +228,37 @@ def test_carry_follows_a_shifted_slice(lesion) -> None:
     fixed, want = np.roll(moving, 8, axis=1), np.roll(m, 8, axis=1) > 0.5
     carried = classical.carry(fixed, moving, m) > 0.5
     assert dice(carried, want) > 0.95 > 0.9 > dice(m > 0.5, want)
+
+
+def test_anchor_area_keeps_the_priors_size() -> None:
+    """The cut keeps the most probable pixels, as many as the prior holds, by a monotone remap
+    (so resampling the map back to the slice moves the contour with it); a prediction already
+    inside the prior's size is left alone."""
+    yy, xx = np.mgrid[:64, :64]
+    r = np.hypot(yy - 32, xx - 32)
+    prob = np.clip(1.2 - r / 20, 0, 1).astype(np.float32)  # radius 14 at 0.5
+    prior = (r < 10).astype(np.float32)
+    out = segment.anchor_area(prob, prior, 0.5, 0.0)
+    assert np.count_nonzero(out >= 0.5) == pytest.approx(np.count_nonzero(prior), rel=0.05)
+    assert np.all(np.diff(out.ravel()[np.argsort(prob.ravel())]) >= -1e-6)  # order kept
+    assert (out >= 0.5).sum() < (prob >= 0.5).sum()
+    assert segment.anchor_area(prob, (r < 16).astype(np.float32), 0.5, 0.0) is prob
+
+
+def test_open_ends_keep_the_carried_size(model, case, record_property) -> None:
+    """One labelled slice of each lateral ventricle: unanchored, the model's correction grew the
+    carried prior a little at every step (up to 2x the true area a few slices out, then the
+    chain ran into white matter and stopped); anchored to the carried prior's area, the open
+    ends follow the ventricles further (measured Dice 0.56 -> 0.67 and 0.49 -> 0.61)."""
+    image, truth, _examples, axis = case
+    one = np.zeros_like(truth)
+    one[:, 18] = truth[:, 18]
+    examples = pairs_from_volumes(image, image.with_array(one), axis, [18], "segment", "mr", own=True)
+    rest = [s for s in range(truth.shape[axis]) if s != 18]
+    scores = {}
+    for anchor in (None, 0.0):
+        options = RunOptions("segment", axis, "mr", "cpu", method="model", segment=SegmentSettings(anchor=anchor))
+        out = run(model, image, examples, options).array
+        scores[anchor] = [dice(out[:, rest] == v, truth[:, rest] == v) for v in LABELS]
+    record_property("dice_open_ends", scores)
+    assert all(a > b + 0.05 for a, b in zip(scores[0.0], scores[None])), scores
