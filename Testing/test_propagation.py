@@ -262,3 +262,19 @@ def test_open_ends_keep_the_carried_size(model, case, record_property) -> None:
         scores[anchor] = [dice(out[:, rest] == v, truth[:, rest] == v) for v in LABELS]
     record_property("dice_open_ends", scores)
     assert all(a > b + 0.05 for a, b in zip(scores[0.0], scores[None])), scores
+
+
+def test_registration_field_on_a_coarser_grid(lesion) -> None:
+    """The self-check's registration estimates its field on at most REG_MAX_SIDE pixels a side:
+    a coarser field carries the real lesion between two labelled slices as well as the full one
+    (here forced to a third of the window, 145 x 192 -> 48 x 64 pixels: Dice 0.92 against 0.90,
+    0.93 with each other)."""
+    image, label = lesion
+    slices = fit_normalizer(image.array, "ct", clip=True)(image.array[16:25])
+    truth = label.array[16:25] > 0
+    given = {0: truth[0], 8: truth[8]}
+    full = classical.registration_propagate(slices, given, image.slice_spacing(0))
+    coarse = classical.registration_propagate(slices, given, image.slice_spacing(0), max_side=64)
+    inside = slice(1, 8)
+    assert dice(coarse[inside], truth[inside]) > dice(full[inside], truth[inside]) - 0.03
+    assert dice(coarse[inside], full[inside]) > 0.9

@@ -65,6 +65,11 @@ from medgen.prompts import Example
 
 SCHEMA_VERSION = 1
 MAX_FOLDS = 5
+# registration's displacement field is estimated on at most this many pixels a side (a whole-factor
+# shrink of the window, applied at full resolution): the bench's windows are all smaller (<= 204,
+# unchanged), a 512^2 CT's window around a large organ is ~450 and cost most of a second a slice
+# pair, which made `auto` about 12x the model on a 300 x 512^2 volume (docs/BENCHMARKS.md)
+REG_MAX_SIDE = 256
 FOLD_REACH = 1e6  # radii: uncapped open ends inside the folds
 SEGMENT_METHODS = ("model", "fill", "registration", "nearest")
 BEYOND_METHODS = ("model", "registration", "nearest")  # fill between slices does not extrapolate
@@ -233,7 +238,7 @@ def _fold_predictions(ctx: SegmentContext, own: dict[int, Example], h: int, lo: 
                                       stack.shape[1:])
             preds["registration"] = classical.registration_propagate(
                 normed, with_v, ctx.spacing, stop_at=h - lo, box=box, fields=ctx.fields, offset=lo,
-                tissue_stop=True)[h - lo]
+                tissue_stop=True, max_side=REG_MAX_SIDE)[h - lo]
         else:
             preds["registration"] = np.zeros(stack.shape[1:], bool)
         preds["nearest"] = _nearest_at(known, h - lo)
@@ -520,7 +525,7 @@ def run_segmentation(model, device, image, examples: list[Example], options, mod
         if m == "registration":
             return stop(classical.registration_propagate(reg_norm(slices), mine, spacing, parts=parts,
                                                          fields=fields, reach=max(segment.end_reaches(mine, *geometry)),
-                                                         tissue_stop=True))
+                                                         tissue_stop=True, max_side=REG_MAX_SIDE))
         stack = np.zeros(slices.shape, bool)
         for s in with_v:
             stack[s] = own[s] == v
