@@ -128,41 +128,53 @@ def in_band(image: np.ndarray, mask: np.ndarray, band: tuple[float, float]) -> b
 
 
 def carry(fixed: np.ndarray, moving: np.ndarray, mask: np.ndarray, iterations: int = 20,
-          shrink: int = 2) -> np.ndarray:
+          shrink: int = 2, threads: int | None = 1) -> np.ndarray:
     """`mask` (a probability map on `moving`) carried onto `fixed` by demons registration of the
     two images, for propagation's prior: the prior needs the structure's shift and bend from one
     slice to the next, not its detail, so the field is estimated at 1/`shrink` resolution (a
     quarter of the pixels) and applied at full resolution. Same-size 2D arrays, unit spacing.
     20 iterations: the bench's propagation rows moved by at most 0.006 Dice against 40, for half
-    the time. One ITK thread: on images this small ITK's threading costs more than it gains (about 14
-    against 19 ms a call), and callers run several carries side by side instead (see carry_all)."""
+    the time. `threads`: ITK's threads (None: its default, all cores)."""
     import SimpleITK as sitk
 
     f, m = sitk2d(fixed, (1.0, 1.0)), sitk2d(moving, (1.0, 1.0))
-    shrinker = sitk.BinShrinkImageFilter()
+    filters = [sitk.BinShrinkImageFilter(), sitk.FastSymmetricForcesDemonsRegistrationFilter(),
+               sitk.ResampleImageFilter()]
+    shrinker, demons, resample = filters
+    if threads is not None:
+        for one in filters:
+            one.SetNumberOfThreads(threads)
     shrinker.SetShrinkFactors([shrink] * 2)
-    shrinker.SetNumberOfThreads(1)
-    demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
     demons.SetNumberOfIterations(iterations)
     demons.SetStandardDeviations(1.5)
-    demons.SetNumberOfThreads(1)
     field = demons.Execute(shrinker.Execute(f), shrinker.Execute(m))
-    resample = sitk.ResampleImageFilter()
     resample.SetReferenceImage(f)
     resample.SetTransform(sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64)))
-    resample.SetNumberOfThreads(1)
     return sitk.GetArrayFromImage(resample.Execute(sitk2d(mask, (1.0, 1.0))))
 
 
-def carry_all(jobs: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> list[np.ndarray]:
-    """`carry` for each (fixed, moving, mask), side by side on the machine's cores (SimpleITK
-    releases the GIL while it runs; two cores: 9 against 14 ms a carry)."""
-    from concurrent.futures import ThreadPoolExecutor
+MOSAIC_GAP = 16  # pixels between tiles: 5 field-smoothing sigmas at the shrunk resolution
 
-    if len(jobs) < 2:
+
+def carry_all(jobs: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+    """`carry` for each (fixed, moving, mask) of one size, as one registration of a mosaic of the
+    pairs, tiles MOSAIC_GAP apart (the field's smoothing does not reach across the gap). ITK's
+    demons spends most of its time per iteration, not per pixel, on images this small (64^2 on
+    the shrunk grid: 1.5 ms an iteration): one mosaic of 30 pairs cost about as much as 3 single
+    pairs (measured in the speed table of docs/BENCHMARKS.md)."""
+    if len(jobs) < 2 or len({part.shape for job in jobs for part in job}) > 1:
         return [carry(*j) for j in jobs]
-    with ThreadPoolExecutor(min(len(jobs), os.cpu_count() or 1)) as pool:
-        return list(pool.map(lambda j: carry(*j), jobs))
+    h, w = jobs[0][0].shape
+    ph, pw = h + MOSAIC_GAP, w + MOSAIC_GAP
+    cols = int(np.ceil(np.sqrt(len(jobs))))
+    rows = -(-len(jobs) // cols)
+    mosaics = [np.zeros((rows * ph, cols * pw), np.float32) for _ in range(3)]
+    places = [(i // cols * ph, i % cols * pw) for i in range(len(jobs))]
+    for (r, c), job in zip(places, jobs):
+        for mosaic, part in zip(mosaics, job):
+            mosaic[r:r + h, c:c + w] = part
+    out = carry(*mosaics, threads=None)
+    return [out[r:r + h, c:c + w] for r, c in places]
 
 
 def _chains(idx: list[int], n: int) -> list[tuple[int, int, int, int | None]]:

@@ -301,7 +301,8 @@ class VolumeSegmenter:
         slices it is averaged with the fill-between prior. In place on `prior`."""
         live = [i for i, c in enumerate(chains) if c.prev.max() >= self.settings.threshold]
         jobs = [(q[i], to_grid(self.norm(self.slices[chains[i].slice_at(t - 1)]), chains[i].box, self.grid),
-                 to_grid(chains[i].prev, chains[i].box, self.grid)) for i in live]
+                 prior[i] if priors[i] is chains[i].prev else to_grid(chains[i].prev, chains[i].box, self.grid))
+                for i in live]  # an open end's prior is already its previous prediction on the grid
         for i, carried in zip(live, classical.carry_all(jobs)):
             prior[i] = carried if priors[i] is chains[i].prev else 0.5 * (prior[i] + carried)
 
