@@ -34,10 +34,10 @@ spread over the span).
 
 With one labelled slice (of a structure, or one example pair) there is nothing to hold out: the
 report says so and a rule from the bench at k = 1 decides (docs/BENCHMARKS.md): the model won on
-the mean of the structures it never saw in training (Dice 0.60 against registration 0.20) and of
-the ones it trained on (0.65 against 0.57; registration still won six of those sixteen rows, the
-large organs and the lateral ventricle, which one labelled slice cannot tell apart), so the rule
-is the model. For image tasks the bench's classical winners are the rule
+the mean of the structures it never saw in training (Dice 0.61 against registration 0.20) and of
+the ones it trained on (0.73 against 0.57; registration still won six of those sixteen rows, by
+0.02-0.04 on four large organs and by 0.21 on the aorta and the lateral ventricle, which one
+labelled slice cannot tell apart from the rest), so the rule is the model. For image tasks the bench's classical winners are the rule
 (NL-means for denoising, the linear map for synthesis, biharmonic for inpainting: each was level
 with or above the model on every held-out case).
 
