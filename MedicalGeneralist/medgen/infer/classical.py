@@ -12,7 +12,6 @@ Propagation methods take slices-first arrays (slice axis 0) and labelled slice i
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import numpy as np
@@ -71,8 +70,9 @@ def registration_propagate(slices: np.ndarray, given: dict[int, np.ndarray],
     past the structure's end (it always finds something to match), but the tissue under the
     mask then changes (a lung lesion's end leaves the mask over air). `max_side`: the field is
     estimated on a grid shrunk by a whole factor until the window's long side fits (and applied at
-    full resolution, as `carry` does): on a 512^2 CT the window around a liver is ~350 pixels and
-    each registration took most of a second; at half resolution a quarter of that."""
+    full resolution, as `carry` does): on the bench's 300 x 512^2 MR a whole-slice window took
+    0.84 s a slice pair at full resolution and 0.22 s at half, for the same Dice over one gap
+    (0.862 / 0.861)."""
     import SimpleITK as sitk
 
     n = slices.shape[0]
@@ -158,10 +158,12 @@ MOSAIC_GAP = 16  # pixels between tiles: 5 field-smoothing sigmas at the shrunk 
 
 def carry_all(jobs: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> list[np.ndarray]:
     """`carry` for each (fixed, moving, mask) of one size, as one registration of a mosaic of the
-    pairs, tiles MOSAIC_GAP apart (the field's smoothing does not reach across the gap). ITK's
-    demons spends most of its time per iteration, not per pixel, on images this small (64^2 on
-    the shrunk grid: 1.5 ms an iteration): one mosaic of 30 pairs cost about as much as 3 single
-    pairs (measured in the speed table of docs/BENCHMARKS.md)."""
+    pairs, tiles MOSAIC_GAP apart (the field's smoothing does not reach across the gap). On images
+    this small ITK's demons pays a fixed cost per iteration (about 1 ms at 64^2 on the shrunk grid)
+    besides its per-pixel work; one mosaic pays it once and uses every core: 9 ms a pair against
+    13 ms for single carries side by side on a thread pool (30 pairs, 2 cores); in a 128 x 256^2
+    propagation run with 8 labelled slices the carries took 2.1 s instead of 3.0 s. Each tile
+    agrees with its own single carry (tested on real CT slices)."""
     if len(jobs) < 2 or len({part.shape for job in jobs for part in job}) > 1:
         return [carry(*j) for j in jobs]
     h, w = jobs[0][0].shape

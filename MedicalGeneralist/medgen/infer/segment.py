@@ -42,7 +42,7 @@ prior was carried by registration, which keeps a structure's size from slice to 
 model's correction grew it by a few percent at every step, compounding along the chain (CT liver
 from one labelled slice: twice the true area 14 slices out). The model keeps its shape, the
 registration its size. Bench propagation rows, model only (same weights), k = 1 / 3 / 5: seen
-0.650 / 0.794 / 0.857 -> 0.725 / 0.800 / 0.865, held-out 0.598 / 0.877 / 0.855 -> 0.612 / 0.877 /
+0.650 / 0.794 / 0.857 -> 0.725 / 0.800 / 0.865, held-out 0.598 / 0.877 / 0.855 -> 0.611 / 0.877 /
 0.868. Between labelled slices it is not applied: the fill prior and the other end bound the size
 there, and anchoring them cost up to 0.06 (caudate, k = 3).
 All chains of all labels step in lockstep and are batched together.

@@ -37,9 +37,9 @@ report says so and a rule from the bench at k = 1 decides (docs/BENCHMARKS.md): 
 the mean of the structures it never saw in training (Dice 0.61 against registration 0.20) and of
 the ones it trained on (0.73 against 0.57; registration still won six of those sixteen rows, by
 0.02-0.04 on four large organs and by 0.21 on the aorta and the lateral ventricle, which one
-labelled slice cannot tell apart from the rest), so the rule is the model. For image tasks the bench's classical winners are the rule
-(NL-means for denoising, the linear map for synthesis, biharmonic for inpainting: each was level
-with or above the model on every held-out case).
+labelled slice cannot tell apart from the rest), so the rule is the model. For image tasks the
+bench's classical winners are the rule (NL-means for denoising, the linear map for synthesis,
+biharmonic for inpainting: each was level with or above the model on every held-out case).
 
 Image tasks hide one example pair at a time; classical parameters (NL-means h, TV weight) are
 tuned on the remaining pairs only, then on all pairs for the run. Scores are PSNR over the
@@ -66,9 +66,9 @@ from medgen.prompts import Example
 SCHEMA_VERSION = 1
 MAX_FOLDS = 5
 # registration's displacement field is estimated on at most this many pixels a side (a whole-factor
-# shrink of the window, applied at full resolution): the bench's windows are all smaller (<= 204,
-# unchanged), a 512^2 CT's window around a large organ is ~450 and cost most of a second a slice
-# pair, which made `auto` about 12x the model on a 300 x 512^2 volume (docs/BENCHMARKS.md)
+# shrink of the window, applied at full resolution): the bench's propagation windows are all
+# smaller (<= 204 pixels, unchanged); on its 300 x 512^2 user run (a whole-slice window) auto took
+# 522 s against 43 s for the model, 176 s once capped (docs/BENCHMARKS.md, "As users run it")
 REG_MAX_SIDE = 256
 FOLD_REACH = 1e6  # radii: uncapped open ends inside the folds
 SEGMENT_METHODS = ("model", "fill", "registration", "nearest")
