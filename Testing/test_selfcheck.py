@@ -107,6 +107,39 @@ def test_unknown_method_is_refused_before_any_work(model, lung) -> None:
         run(model, image, examples, RunOptions("segment", 0, "ct", "cpu", method="nl-means"))
 
 
+def _records(scores: dict[tuple[str, str, int], float]) -> list:
+    """Fold records whose pooled Dice is the given score (100 truth pixels a hidden slice)."""
+    return [(1, region, m, np.array([100 * d, 100.0, 100.0]), h) for (region, m, h), d in scores.items()]
+
+
+def test_one_interior_fold_does_not_choose_between_alone() -> None:
+    """k = 3: the hidden middle slice alone favours the model between, the two outer folds favour
+    registration by far; one method does the whole run, the best on all folds (registration). With
+    two interior folds saying the same, the between job gets its own method."""
+    scores = {}
+    for m, (mid, ends) in {"model": (0.47, 0.0), "registration": (0.17, 0.82), "nearest": (0.0, 0.0),
+                           "fill": (0.0, 0.0)}.items():
+        scores.update({("between", m, 88): mid, ("beyond", m, 73): ends, ("beyond", m, 101): ends})
+    own = {s: np.ones((2, 2), np.uint8) for s in (73, 88, 101)}
+    (est,) = selfcheck.choose_segmentation(_records(scores), [1], own)
+    assert est.parts == {"between": "registration", "beyond": "registration"}, est
+    assert "one interior labelled slice" in est.note
+    scores.update({("between", m, 95): d for (r, m, h), d in list(scores.items()) if h == 88})
+    (est,) = selfcheck.choose_segmentation(_records(scores), [1], {**own, 95: own[88]})
+    assert est.parts == {"between": "model", "beyond": "registration"}, est
+
+
+def test_a_tie_within_the_margin_goes_to_the_model() -> None:
+    own = {s: np.ones((2, 2), np.uint8) for s in (10, 20)}
+    close = {("beyond", "model", 10): 0.890, ("beyond", "registration", 10): 0.891,
+             ("beyond", "nearest", 10): 0.5}
+    (est,) = selfcheck.choose_segmentation(_records(close), [1], own)
+    assert est.chosen == "model"
+    clear = {**close, ("beyond", "registration", 10): 0.890 + 2 * selfcheck.MODEL_MARGIN}
+    (est,) = selfcheck.choose_segmentation(_records(clear), [1], own)
+    assert est.chosen == "registration"
+
+
 def test_folds_hide_both_ends_and_spread_inside() -> None:
     assert selfcheck.fold_slices([3, 9]) == [3, 9]
     folds = selfcheck.fold_slices(list(range(0, 40, 2)))
