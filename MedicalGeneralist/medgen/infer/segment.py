@@ -126,8 +126,13 @@ class VolumeSegmenter:
     def __init__(self, predictor: Predictor, slices: np.ndarray, *, spacing: tuple[float, float],
                  norm: Normalizer, examples: list[Example], labels: list[int], task: int,
                  modality: int, in_volume: bool, settings: SegmentSettings, progress: Progress,
-                 thickness: float | None = None, fill_backends: dict[int, str] | None = None) -> None:
+                 thickness: float | None = None, fill_backends: dict[int, str] | None = None,
+                 stop_at: int | None = None) -> None:
         self.predictor, self.slices, self.spacing, self.norm = predictor, slices, spacing, norm
+        # only this slice's answer is wanted (a self-check fold's hidden slice): a chain's
+        # prediction there depends only on the slices it crossed before, so chains that never
+        # reach it are skipped and the others end there, for the same answer at that slice
+        self.stop_at = stop_at
         # label value -> fill-between backend; the self-check's folds see fewer labelled slices
         # than the run and pass the run's choice, so they score the prior the run will use
         self.fill_backends = fill_backends or {}
@@ -222,7 +227,16 @@ class VolumeSegmenter:
                                         origin_area=float(mask.sum()),
                                         max_steps=self._max_steps(li, origin, step, mask, has),
                                         band=classical.tissue_band(self.norm(self.slices[origin]), mask) if stops else None))
-        return chains
+        return [c for c in chains if self._reaches_stop(c)]
+
+    def _reaches_stop(self, c: Chain) -> bool:
+        """Without `stop_at` every chain runs; with it, those that cross it, ended just past it."""
+        if self.stop_at is None:
+            return True
+        if not min(c.start, c.end) < self.stop_at < max(c.start, c.end):
+            return False
+        c.end = self.stop_at + c.step
+        return True
 
     def _fill_priors(self) -> list[np.ndarray | None]:
         """Per label: fill between slices over the labelled slices (None where it cannot run)."""

@@ -167,7 +167,7 @@ class SegmentContext:
     slices: np.ndarray  # input units
     examples: list[Example]
     labels: list[int]
-    model_fold: Callable[[np.ndarray, list[Example]], np.ndarray]  # (stack, examples) -> probs [L, n, H, W]
+    model_fold: Callable[[np.ndarray, list[Example], int], np.ndarray]  # (stack, examples, hidden) -> probs [L, n, H, W]
     reg_norm: Callable[[np.ndarray], np.ndarray]  # normalisation for registration (clipped)
     spacing: tuple[float, float]
     threshold: float = 0.5
@@ -234,7 +234,7 @@ def _fold_predictions(ctx: SegmentContext, own: dict[int, Example], h: int, lo: 
     fold_examples = [replace(e, slice_index=None if e.slice_index is None or e.slice_index == h
                              or not lo <= e.slice_index <= hi else e.slice_index - lo)
                      for e in ctx.examples if e.slice_index != h]
-    probs = ctx.model_fold(stack, fold_examples)
+    probs = ctx.model_fold(stack, fold_examples, h - lo)
     out = {}
     normed = None
     for v in labels:
@@ -514,12 +514,13 @@ def run_segmentation(model, device, image, examples: list[Example], options, mod
         dense = {v: "distance" for v in labels
                  if sum(bool(np.any(t == v)) for t in own.values()) >= interpolate.DENSE}
 
-        def model_fold(stack: np.ndarray, fold_examples: list[Example]) -> np.ndarray:
+        def model_fold(stack: np.ndarray, fold_examples: list[Example], hidden: int) -> np.ndarray:
             seg = VolumeSegmenter(predictor, stack, spacing=spacing, norm=norm, examples=fold_examples,
                                   labels=labels, task=task_index("segment"),
                                   modality=modality_index(options.modality), in_volume=True,
                                   settings=settings, progress=lambda f, m: None,
-                                  thickness=image.slice_thickness(axis), fill_backends=dense)
+                                  thickness=image.slice_thickness(axis), fill_backends=dense,
+                                  stop_at=hidden)
             return seg.propagate()
         ctx = SegmentContext(slices, examples, labels, model_fold, reg_norm, spacing,
                              options.segment.threshold, cancel or (lambda: False), fields)
