@@ -167,7 +167,8 @@ class SegmentContext:
     slices: np.ndarray  # input units
     examples: list[Example]
     labels: list[int]
-    model_fold: Callable[[np.ndarray, list[Example], int], np.ndarray]  # (stack, examples, hidden) -> probs [L, n, H, W]
+    # (stack, examples, hidden slice of the stack) -> probabilities [L, n, H, W]
+    model_fold: Callable[[np.ndarray, list[Example], int], np.ndarray]
     reg_norm: Callable[[np.ndarray], np.ndarray]  # normalisation for registration (clipped)
     spacing: tuple[float, float]
     threshold: float = 0.5
