@@ -54,7 +54,7 @@ the label with the highest probability among those above 0.5. Labelled slices ar
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy import ndimage
@@ -227,16 +227,10 @@ class VolumeSegmenter:
                                         origin_area=float(mask.sum()),
                                         max_steps=self._max_steps(li, origin, step, mask, has),
                                         band=classical.tissue_band(self.norm(self.slices[origin]), mask) if stops else None))
-        return [c for c in chains if self._reaches_stop(c)]
-
-    def _reaches_stop(self, c: Chain) -> bool:
-        """Without `stop_at` every chain runs; with it, those that cross it, ended just past it."""
-        if self.stop_at is None:
-            return True
-        if not min(c.start, c.end) < self.stop_at < max(c.start, c.end):
-            return False
-        c.end = self.stop_at + c.step
-        return True
+        if self.stop_at is not None:  # only the chains that cross it, ended just past it
+            chains = [replace(c, end=self.stop_at + c.step) for c in chains
+                      if min(c.start, c.end) < self.stop_at < max(c.start, c.end)]
+        return chains
 
     def _fill_priors(self) -> list[np.ndarray | None]:
         """Per label: fill between slices over the labelled slices (None where it cannot run)."""
