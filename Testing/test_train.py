@@ -138,6 +138,24 @@ def test_synthesis_starts_from_the_examples_linear_map(shared_data: Path) -> Non
     assert np.array_equal(linear_start(blank, blank)(t1[80]), t1[80])
 
 
+def test_modality_hiding_follows_its_share(sampler: EpisodeSampler) -> None:
+    """The ablation of hidden modalities needs the share to be honoured: on CT volumes alone, 0
+    keeps every episode's modality CT, 1 redraws it (CT again 1 time in 5, so most differ)."""
+    from medgen.core.config import modality_index
+    from medgen_dev.train.trainer import TrainConfig
+    from medgen.core.errors import InputError
+
+    ct = [c for c in sampler.vol_seg if c.modality == "ct"]
+    only = {"segment3d": 1.0, "pseudo3d": 0, "segment2d": 0, "synthetic": 0, "denoise": 0, "inpaint": 0,
+            "synthesize": 0}
+    drawn = {share: [EpisodeSampler(ct, grid=64, seed=i, weights=only, blind_modality=share).sample(2).modality
+                     for i in range(10)] for share in (0.0, 1.0)}
+    assert drawn[0.0] == [modality_index("ct")] * 10
+    assert sum(m != modality_index("ct") for m in drawn[1.0]) >= 4
+    with pytest.raises(InputError, match="blind_modality is a share"):
+        TrainConfig(blind_modality=1.5)
+
+
 def test_misspelt_ablation_is_refused(tmp_path: Path) -> None:
     """`psuedo3d: 0` used to train with the task on; unknown names now stop before any data loads."""
     from medgen.core.errors import InputError

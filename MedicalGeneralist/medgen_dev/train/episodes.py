@@ -46,7 +46,8 @@ class EpisodeSampler:
     """Draws task-mixed episodes; every batch mixes tasks so the model cannot ignore its pairs."""
 
     def __init__(self, cases: list[Case], grid: int, weights: dict[str, float] | None = None,
-                 seed: int = 0, priors: dict[str, float] | None = None, augment: bool = True) -> None:
+                 seed: int = 0, priors: dict[str, float] | None = None, augment: bool = True,
+                 blind_modality: float = BLIND_MODALITY) -> None:
         self.rng = np.random.default_rng(seed)
         self.augment = augment
         self.priors = PriorSampler(self.rng, priors)
@@ -62,6 +63,7 @@ class EpisodeSampler:
         self.images = cases
         self.multi_contrast = [c for c in cases if len(c.contrasts) > 1]
         self.weights = {**DEFAULT_TASKS, **(weights or {})}
+        self.blind_modality = blind_modality
         self._presence: dict[tuple[str, int, int], np.ndarray] = {}
 
     # -- helpers ----------------------------------------------------------------------------
@@ -92,7 +94,7 @@ class EpisodeSampler:
         p = np.asarray([self.weights[n] for n in names], dtype=float)
         name = names[int(self.rng.choice(len(names), p=p / p.sum()))]
         episode = getattr(self, f"_{name}")(k)
-        if self.augment and episode.task == SEGMENT_TASK and self.rng.random() < BLIND_MODALITY:
+        if self.augment and episode.task == SEGMENT_TASK and self.rng.random() < self.blind_modality:
             # the modality alone names the task on real data (ultrasound -> lesion): hide it
             # sometimes so that the examples must carry it
             episode.modality = int(self.rng.integers(len(MODALITIES)))

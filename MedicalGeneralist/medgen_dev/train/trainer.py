@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from medgen.core.config import PRESETS, TASKS, ModelConfig
 from medgen.core.errors import InputError
 from medgen_dev.train.datasets import DEFAULT_DATA, load_cases
-from medgen_dev.train.episodes import EpisodeSampler, collate
+from medgen_dev.train.episodes import BLIND_MODALITY, EpisodeSampler, collate
 from medgen.nn.model import InContextUNet
 
 SEGMENT = TASKS.index("segment")
@@ -54,6 +54,7 @@ class TrainConfig:
     threads: int = 0
     task_weights: dict = field(default_factory=dict)  # episodes.DEFAULT_TASKS overrides
     priors: dict = field(default_factory=dict)  # priors.DEFAULT_PRIORS overrides (ablations)
+    blind_modality: float = BLIND_MODALITY  # share of real segmentation episodes with a random modality
     validate_every: int = 200
     val_episodes: int = 48
     init: str = ""  # start from these weights (a model.safetensors) unless resuming
@@ -72,6 +73,8 @@ class TrainConfig:
                                  f"{', '.join(known)}")
             if any(not isinstance(v, (int, float)) or v < 0 for v in given.values()):
                 raise InputError(f"training config: {what} must be numbers >= 0, got {given}")
+        if not 0 <= self.blind_modality <= 1:
+            raise InputError(f"training config: blind_modality is a share in [0, 1], got {self.blind_modality}")
         if self.preset not in PRESETS:
             raise InputError(f"training config: unknown preset {self.preset!r}: use {', '.join(PRESETS)}")
 
@@ -139,7 +142,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
     cases = load_cases(Path(cfg.data))
     train_cases = [c for c in cases if c.name not in cfg.holdout]
     seed = cfg.seed + step + 1000 * rank
-    sampler = EpisodeSampler(train_cases, mcfg.grid, cfg.task_weights or None, seed=seed, priors=cfg.priors)
+    sampler = EpisodeSampler(train_cases, mcfg.grid, cfg.task_weights or None, seed=seed, priors=cfg.priors,
+                             blind_modality=cfg.blind_modality)
     validation = _validation_batches(cases, cfg, mcfg.grid) if rank == 0 else []
     rng = np.random.default_rng(seed)
     dice = DiceLoss(sigmoid=True, batch=False)
