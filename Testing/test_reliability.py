@@ -137,9 +137,10 @@ def test_item1_local_folder_never_replaces_the_registry_model(tmp_path: Path,
     monkeypatch.chdir(tmp_path)
     _tiny_checkpoint(tmp_path / "medgen-small")
     registry_copy = W.PACKAGE_RESOURCES / "Models" / "medgen-small" / W.WEIGHTS_FILE
-    for spec in (None, "default", "medgen-small"):
+    default_copy = W.PACKAGE_RESOURCES / "Models" / W.load_registry()["default"] / W.WEIGHTS_FILE
+    for spec, expected in ((None, default_copy), ("default", default_copy), ("medgen-small", registry_copy)):
         resolved = W.resolve_model(spec)
-        assert resolved.weights_path == registry_copy and resolved.expected_sha256
+        assert resolved.weights_path == expected and resolved.expected_sha256
     local = W.resolve_model("./medgen-small")
     assert local.weights_path.resolve() == (tmp_path / "medgen-small" / W.WEIGHTS_FILE).resolve()
     model, _ = W.load_model("./medgen-small")  # an explicit path is used, and checked
