@@ -257,7 +257,7 @@ def test_truncated_registry_weights_fail_checksum(capsys, small_case: Case, tmp_
     for name in ("Models.json", "Models.schema.json"):
         shutil.copy(src / name, res / name)
     shutil.copytree(src / "Models", res / "Models")
-    weights = res / "Models" / "medgen-small" / "model.safetensors"
+    weights = res / "Models" / W.load_registry()["default"] / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1000])
     monkeypatch.setattr(W, "RESOURCES", res)
     argv = _run(small_case, out_dir / "seg.nii.gz", "--context-target", str(small_case.labels),

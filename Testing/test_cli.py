@@ -190,7 +190,9 @@ def test_console_script_lists_models(tmp_path: Path) -> None:
                           cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr
     default = [line for line in done.stdout.splitlines() if line.startswith("*")]
-    assert len(default) == 1 and "medgen-small" in default[0]
+    from medgen.io.weights import load_registry
+
+    assert len(default) == 1 and default[0].split()[1] == load_registry()["default"], default
 
 
 def test_entry_point_exit_codes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
