@@ -77,7 +77,7 @@ def child(folder: str, task: str, warm: bool, method: str = "auto", model_spec: 
         for name in ("to_grid", "from_grid", "crop"):
             if hasattr(mod, name):
                 _wrap(mod, name, inner, "crops/resampling")
-    _wrap(imagetasks, "classical_denoise", inner, "interpolation")  # the classical start
+    _wrap(imagetasks, "_per_slice", inner, "interpolation")  # the classical denoising start
     runs = []
     for _ in range(2 if warm else 1):
         inner.update(dict.fromkeys(inner, 0.0))

@@ -18,7 +18,7 @@ from scipy import ndimage
 from medgen_dev.train.augment import augment
 from medgen.core.config import MODALITIES, modality_index, task_index
 from medgen_dev.train.datasets import Case
-from medgen.infer.imagetasks import classical_denoise, classical_fill, linear_start
+from medgen.infer.imagetasks import classical_denoise, classical_fill, example_denoise, linear_start
 from medgen.core.grid import Box, box_around, crop, full_box, structure_width, to_grid, working_side
 from medgen_dev.train.priors import PriorSampler
 from medgen_dev.train.pseudotasks import Supervoxels
@@ -47,7 +47,7 @@ class EpisodeSampler:
 
     def __init__(self, cases: list[Case], grid: int, weights: dict[str, float] | None = None,
                  seed: int = 0, priors: dict[str, float] | None = None, augment: bool = True,
-                 blind_modality: float = BLIND_MODALITY) -> None:
+                 blind_modality: float = BLIND_MODALITY, denoise_start: str = "slice") -> None:
         self.rng = np.random.default_rng(seed)
         self.augment = augment
         self.priors = PriorSampler(self.rng, priors)
@@ -64,6 +64,7 @@ class EpisodeSampler:
         self.multi_contrast = [c for c in cases if len(c.contrasts) > 1]
         self.weights = {**DEFAULT_TASKS, **(weights or {})}
         self.blind_modality = blind_modality
+        self.denoise_start = denoise_start  # the model's (ModelConfig.denoise_start)
         self._presence: dict[tuple[str, int, int], np.ndarray] = {}
 
     # -- helpers ----------------------------------------------------------------------------
@@ -199,7 +200,9 @@ class EpisodeSampler:
         crops = [c[0] for c in self._native_crops(case, k + 1, [case.image])]
         noisy = [self._noise(c, case.modality, level) for c in crops]
         z = np.zeros_like(crops[0])
-        query = classical_denoise(noisy[0][None])[0]  # as inference starts it
+        start = (example_denoise(np.stack(noisy[1:]), np.stack(crops[1:])) if self.denoise_start == "examples"
+                 else classical_denoise)
+        query = start(noisy[0][None])[0]  # as inference starts it
         return Episode(np.stack(noisy[1:]), np.stack(crops[1:]), query, crops[0], z, z,
                        task_index("denoise"), modality_index(case.modality))
 
