@@ -243,8 +243,8 @@ def test_folder_layout_becomes_a_configuration(tmp_path: Path) -> None:
     assert [c.task for c in cfg.image_cases] == ["denoise"]
 
 
-@pytest.mark.parametrize("start", ["slice", "examples"])
-def test_untrained_model_returns_its_classical_start(tmp_path: Path, start: str) -> None:
+@pytest.mark.parametrize("inputs", ["slice-nlm", "tuned-nlm+noisy"])
+def test_untrained_model_returns_its_classical_start(tmp_path: Path, inputs: str) -> None:
     """Plumbing check on the user layout: a fresh network's image head is the identity, so its
     'denoised' volume is exactly the non-local-means start its config names (per-slice, or fitted
     on the example pairs) mapped back to the input's units; it must clearly beat the noisy input,
@@ -253,7 +253,7 @@ def test_untrained_model_returns_its_classical_start(tmp_path: Path, start: str)
 
     cfg = bench_data.config_from_folder(_layout(tmp_path / "data"), quick=True)
     torch.manual_seed(0)
-    model = InContextUNet(ModelConfig(denoise_start=start)).eval()
+    model = InContextUNet(ModelConfig(denoise_inputs=inputs)).eval()
     rows, _ = bench.image_tasks(model, cfg, "cpu", lambda m: None)
     m = rows["rows"][0]["methods"]
     assert m["ours"]["psnr"] > m["noisy input"]["psnr"] + 1.0

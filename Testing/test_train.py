@@ -157,9 +157,10 @@ def test_modality_hiding_follows_its_share(sampler: EpisodeSampler) -> None:
 
 
 def test_denoising_start_fitted_on_the_examples(shared_data: Path) -> None:
-    """The start of `denoise_start = "examples"` models: NL-means tuned on the example pairs
-    (real BraTS T1 slices, Rician noise at 5 %) is closer to the clean tissue than NL-means from
-    the slice's own noise estimate, and the sampler trains on the start the config names."""
+    """The start of `denoise_inputs = "tuned-nlm+noisy"` models: NL-means tuned on the example
+    pairs (real BraTS T1 slices, Rician noise at 5 %) is closer to the clean tissue than NL-means
+    from the slice's own noise estimate; the sampler trains on the inputs the config names (that
+    start and the noisy slice in the prior channel)."""
     from medgen.core.config import ModelConfig
     from medgen.infer.imagetasks import classical_denoise, example_denoise
     from medgen_dev.train.datasets import load_cases
@@ -172,15 +173,17 @@ def test_denoising_start_fitted_on_the_examples(shared_data: Path) -> None:
     err = lambda x: float(np.mean((x[0][tissue] - t1[80][tissue]) ** 2))
     fitted = example_denoise(noisy[[60, 100]], t1[[60, 100]])(noisy[80][None])
     assert err(fitted) < err(classical_denoise(noisy[80][None])) < err(noisy[80][None])
-    with pytest.raises(ValueError, match="denoise_start must be one of slice, examples"):
-        ModelConfig(denoise_start="example")
+    with pytest.raises(ValueError, match="denoise_inputs must be one of slice-nlm, tuned-nlm"):
+        ModelConfig(denoise_inputs="tuned-nlm")
     only = {"segment3d": 0, "pseudo3d": 0, "segment2d": 0, "synthetic": 0, "denoise": 1.0, "inpaint": 0,
             "synthesize": 0}
     cases = [c for c in load_cases(shared_data, busi_limit=0) if c.name == "TCGA-DU-7294"]
-    draws = {s: EpisodeSampler(cases, grid=64, seed=3, weights=only, augment=False, denoise_start=s).sample(2)
-             for s in ("slice", "examples")}
-    assert np.array_equal(draws["slice"].target, draws["examples"].target)  # same draw, other start
-    assert not np.array_equal(draws["slice"].query, draws["examples"].query)
+    draws = {s: EpisodeSampler(cases, grid=64, seed=3, weights=only, augment=False, denoise_inputs=s).sample(2)
+             for s in ("slice-nlm", "tuned-nlm+noisy")}
+    old, new = draws["slice-nlm"], draws["tuned-nlm+noisy"]
+    assert np.array_equal(old.target, new.target)  # the same draw, other inputs
+    assert not np.array_equal(old.query, new.query) and not old.prior_valid.any() and new.prior_valid.all()
+    assert np.mean((new.prior - new.target) ** 2) > np.mean((new.query - new.target) ** 2)  # noisy, then start
 
 
 def test_misspelt_ablation_is_refused(tmp_path: Path) -> None:

@@ -32,7 +32,7 @@ def modality_index(modality: str) -> int:
 MAX_CHANNELS = 4096  # far above any model that fits a workstation; checked before allocating
 MAX_GRID = 1024
 MAX_LEVELS = 8
-DENOISE_STARTS = ("slice", "examples")  # see ModelConfig.denoise_start
+DENOISE_INPUTS = ("slice-nlm", "tuned-nlm+noisy")  # see ModelConfig.denoise_inputs
 LEGACY_KEYS = {"extra": {}}  # written by checkpoints up to 0.2.0, always empty; nothing reads it
 
 
@@ -50,10 +50,11 @@ class ModelConfig:
     grid: int = 128  # side of the square grid the model was trained on (multiple of 16)
     interaction_levels: tuple[int, ...] = (1, 2, 3, 4)  # levels where the query meets each pair
     name: str = "medgen-small"
-    # where a denoising query starts, the input the model was trained to correct: "slice" NL-means
-    # from each slice's own noise estimate, or "examples" NL-means with its noise level and strength
-    # fitted on the example pairs (as the bench's NL-means baseline is)
-    denoise_start: str = "slice"
+    # what a denoising query gives the model, as it was trained: "slice-nlm" NL-means from each
+    # slice's own noise estimate; "tuned-nlm+noisy" NL-means with its noise level and strength fitted
+    # on the example pairs (as the bench's NL-means baseline is), and the noisy slice beside it in
+    # the prior channel (the detail NL-means smoothed away is only there)
+    denoise_inputs: str = "slice-nlm"
 
     def __post_init__(self) -> None:
         def whole(value: object, lo: int, hi: int, what: str) -> None:
@@ -78,8 +79,8 @@ class ModelConfig:
             whole(level, 0, len(self.channels) - 1, "each of interaction_levels")
         if not isinstance(self.name, str):
             raise ValueError(f"name must be a string, not {self.name!r}")
-        if self.denoise_start not in DENOISE_STARTS:
-            raise ValueError(f"denoise_start must be one of {', '.join(DENOISE_STARTS)}, not {self.denoise_start!r}")
+        if self.denoise_inputs not in DENOISE_INPUTS:
+            raise ValueError(f"denoise_inputs must be one of {', '.join(DENOISE_INPUTS)}, not {self.denoise_inputs!r}")
 
     @property
     def multiple(self) -> int:

@@ -68,7 +68,7 @@ def classical_denoise(x: np.ndarray) -> np.ndarray:
 
 
 def example_denoise(ctx_noisy: np.ndarray, ctx_clean: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
-    """The denoising start of models trained with `denoise_start = "examples"`: NL-means with the
+    """The denoising start of models trained with `denoise_inputs = "tuned-nlm+noisy"`: NL-means with the
     noise level the example pairs show and the strength (h) that fits them best, as the bench's
     NL-means baseline is tuned. The examples say how noisy the data is more surely than one slice's
     own estimate does (the bench: 34.90 against 33.87 dB on AURORA T1 at 5 %). The strength is
@@ -122,12 +122,12 @@ def encode_examples(p: Predictor, examples: list[Example], task: int, modality: 
 
 def _start(examples: list[Example], task: int, config: ModelConfig) -> Callable[[np.ndarray], np.ndarray]:
     """Where the query starts (normalised units): the classical answer the model corrects, for
-    denoising the one its config says it was trained with."""
+    denoising the one its config says it was trained with (ModelConfig.denoise_inputs)."""
     if task == task_index("synthesize"):
         return linear_start(*(np.concatenate([a.ravel() for a in arrays]) for arrays in zip(
             *[(e.image_norm(e.image), e.target_norm(e.target)) for e in examples])))
     if task == task_index("denoise"):
-        if config.denoise_start == "examples":
+        if config.denoise_inputs == "tuned-nlm+noisy":
             return example_denoise(*example_grids(examples, config.grid))
         return classical_denoise
     return lambda x: x  # inpainting: the biharmonic start needs the holes (channels below)
@@ -149,6 +149,8 @@ def run_image_task(p: Predictor, slices: np.ndarray, examples: list[Example], ta
         idx = todo[j:j + batch]
         x = in_norm(slices[idx])
         channels = [start(x)]
+        if task == task_index("denoise") and p.model.config.denoise_inputs == "tuned-nlm+noisy":
+            channels = [start(x), x, np.ones_like(x)]  # the noisy slice beside its start
         if holes is not None:
             valid = (~holes[idx]).astype(np.float32)
             channels = [classical_fill(x, holes[idx]), x * valid, valid]

@@ -47,7 +47,7 @@ class EpisodeSampler:
 
     def __init__(self, cases: list[Case], grid: int, weights: dict[str, float] | None = None,
                  seed: int = 0, priors: dict[str, float] | None = None, augment: bool = True,
-                 blind_modality: float = BLIND_MODALITY, denoise_start: str = "slice") -> None:
+                 blind_modality: float = BLIND_MODALITY, denoise_inputs: str = "slice-nlm") -> None:
         self.rng = np.random.default_rng(seed)
         self.augment = augment
         self.priors = PriorSampler(self.rng, priors)
@@ -64,7 +64,7 @@ class EpisodeSampler:
         self.multi_contrast = [c for c in cases if len(c.contrasts) > 1]
         self.weights = {**DEFAULT_TASKS, **(weights or {})}
         self.blind_modality = blind_modality
-        self.denoise_start = denoise_start  # the model's (ModelConfig.denoise_start)
+        self.denoise_inputs = denoise_inputs  # the model's (ModelConfig.denoise_inputs)
         self._presence: dict[tuple[str, int, int], np.ndarray] = {}
 
     # -- helpers ----------------------------------------------------------------------------
@@ -200,10 +200,13 @@ class EpisodeSampler:
         crops = [c[0] for c in self._native_crops(case, k + 1, [case.image])]
         noisy = [self._noise(c, case.modality, level) for c in crops]
         z = np.zeros_like(crops[0])
-        start = (example_denoise(np.stack(noisy[1:]), np.stack(crops[1:])) if self.denoise_start == "examples"
-                 else classical_denoise)
-        query = start(noisy[0][None])[0]  # as inference starts it
-        return Episode(np.stack(noisy[1:]), np.stack(crops[1:]), query, crops[0], z, z,
+        prior, valid = z, z
+        if self.denoise_inputs == "tuned-nlm+noisy":  # as inference gives them (imagetasks)
+            query = example_denoise(np.stack(noisy[1:]), np.stack(crops[1:]))(noisy[0][None])[0]
+            prior, valid = noisy[0], np.ones_like(z)
+        else:
+            query = classical_denoise(noisy[0][None])[0]
+        return Episode(np.stack(noisy[1:]), np.stack(crops[1:]), query, crops[0], prior, valid,
                        task_index("denoise"), modality_index(case.modality))
 
     def _noise(self, x: np.ndarray, modality: str, level: float) -> np.ndarray:

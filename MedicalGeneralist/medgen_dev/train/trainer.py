@@ -149,7 +149,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
     train_cases = [c for c in cases if c.name not in cfg.holdout]
     seed = cfg.seed + step + 1000 * rank
     sampler = EpisodeSampler(train_cases, mcfg.grid, cfg.task_weights or None, seed=seed, priors=cfg.priors,
-                             blind_modality=cfg.blind_modality, denoise_start=mcfg.denoise_start)
+                             blind_modality=cfg.blind_modality, denoise_inputs=mcfg.denoise_inputs)
     validation = _validation_batches(cases, cfg, mcfg) if rank == 0 else []
     rng = np.random.default_rng(seed)
     dice = DiceLoss(sigmoid=True, batch=False)
@@ -237,7 +237,7 @@ def _validation_batches(cases, cfg: TrainConfig, mcfg: ModelConfig) -> list[dict
     if not held or not cfg.validate_every:
         return []
     sampler = EpisodeSampler(held, mcfg.grid, cfg.task_weights or None, seed=12345, priors=cfg.priors, augment=False,
-                             denoise_start=mcfg.denoise_start)
+                             denoise_inputs=mcfg.denoise_inputs)
     sampler.weights = {n: w for n, w in sampler.weights.items() if _can_draw(sampler, n)}
     episodes = [sampler.sample(3) for _ in range(cfg.val_episodes)]
     return [collate(episodes[i:i + cfg.batch]) for i in range(0, len(episodes), cfg.batch)]
