@@ -221,3 +221,20 @@ def test_fixed_length_run_continues_the_shipped_model(shared_data: Path, tmp_pat
     assert moved and len(moved) < len(start) + 1  # trained from the shipped weights, not from scratch
     drift = max(float((start[n] - after[n]).abs().max()) for n in start)
     assert drift < 0.05, "two small steps from the shipped weights cannot move them this far"
+
+
+def test_denoise_check_scores_the_start_a_fresh_network_returns(shared_data: Path) -> None:
+    """medgen_dev.bench.denoise_check on real volumes at a pinned noise level: a fresh network's
+    image head is the identity, so the model's tissue PSNR is its start's, and the start is far
+    above the noisy input's (about 26 dB at 5 % noise)."""
+    from medgen.core.config import ModelConfig
+    from medgen.nn.model import InContextUNet
+    from medgen_dev.bench.denoise_check import tissue_psnr
+    from medgen_dev.train.datasets import load_cases
+
+    cases = [c for c in load_cases(shared_data, busi_limit=0) if c.name == "TCGA-DU-7294"]
+    model = InContextUNet(ModelConfig(channels=(8, 16, 32, 48, 64), embed_dim=32, heads=2, grid=64,
+                                      denoise_inputs="tuned-nlm+noisy")).eval()
+    start, ours, better = tissue_psnr(model, cases, 0.05, n=4)
+    assert start == pytest.approx(ours, abs=1e-4) and better == 0
+    assert start > 29.0
