@@ -148,12 +148,13 @@ def run_image_task(p: Predictor, slices: np.ndarray, examples: list[Example], ta
     for j in range(0, len(todo), batch):
         idx = todo[j:j + batch]
         x = in_norm(slices[idx])
-        channels = [start(x)]
-        if task == task_index("denoise") and p.model.config.denoise_inputs == "tuned-nlm+noisy":
-            channels = [start(x), x, np.ones_like(x)]  # the noisy slice beside its start
         if holes is not None:
             valid = (~holes[idx]).astype(np.float32)
             channels = [classical_fill(x, holes[idx]), x * valid, valid]
+        elif task == task_index("denoise") and p.model.config.denoise_inputs == "tuned-nlm+noisy":
+            channels = [start(x), x, np.ones_like(x)]  # the noisy slice beside its start
+        else:
+            channels = [start(x)]
         inputs = torch.as_tensor(np.stack(channels, 1), device=p.device)
         with torch.inference_mode():
             y = sliding_window_inference(inputs, (size, size), 8,
