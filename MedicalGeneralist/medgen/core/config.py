@@ -32,7 +32,7 @@ def modality_index(modality: str) -> int:
 MAX_CHANNELS = 4096  # far above any model that fits a workstation; checked before allocating
 MAX_GRID = 1024
 MAX_LEVELS = 8
-DENOISE_INPUTS = ("slice-nlm", "tuned-nlm+noisy")  # see ModelConfig.denoise_inputs
+DENOISE_INPUTS = ("slice-nlm", "tuned-nlm", "tuned-nlm+noisy")  # see ModelConfig.denoise_inputs
 LEGACY_KEYS = {"extra": {}}  # written by checkpoints up to 0.2.0, always empty; nothing reads it
 
 
@@ -50,9 +50,9 @@ class ModelConfig:
     grid: int = 128  # side of the square grid the model was trained on (multiple of 16)
     interaction_levels: tuple[int, ...] = (1, 2, 3, 4)  # levels where the query meets each pair
     name: str = "medgen-small"
-    # what a denoising query gives the model, as it was trained: "slice-nlm" NL-means from each
-    # slice's own noise estimate; "tuned-nlm+noisy" NL-means with its noise level and strength fitted
-    # on the example pairs (as the bench's NL-means baseline is), and the noisy slice beside it in
+    # what a denoising query gives the model: "slice-nlm" NL-means from each slice's own noise
+    # estimate; "tuned-nlm" NL-means with its noise level and strength fitted on the example pairs
+    # (as the bench's NL-means baseline is); "tuned-nlm+noisy" that and the noisy slice beside it in
     # the prior channel (the detail NL-means smoothed away is only there)
     denoise_inputs: str = "slice-nlm"
 

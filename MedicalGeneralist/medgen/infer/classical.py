@@ -255,8 +255,9 @@ def pick_parameter(fn: Callable[[np.ndarray, float], np.ndarray], grid, noisy: l
 
 # -- inpainting and synthesis ------------------------------------------------------------------------
 def biharmonic(image: np.ndarray, hole: np.ndarray, pad: int = 12) -> np.ndarray:
-    """scikit-image biharmonic inpainting, solved on a box around the hole (same answer inside
-    the hole as the whole slice, a fraction of the sparse solve)."""
+    """scikit-image biharmonic inpainting, solved on a box around the hole: a fraction of the whole
+    slice's sparse solve, and not the same answer (the far boundary no longer pulls on the fill;
+    on the bench's AURORA hole 12.34 dB against the whole slice's 12.24)."""
     from skimage.restoration import inpaint_biharmonic
 
     rows, cols = np.nonzero(hole.any(1))[0], np.nonzero(hole.any(0))[0]

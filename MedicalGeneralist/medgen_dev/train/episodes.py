@@ -201,9 +201,10 @@ class EpisodeSampler:
         noisy = [self._noise(c, case.modality, level) for c in crops]
         z = np.zeros_like(crops[0])
         prior, valid = z, z
-        if self.denoise_inputs == "tuned-nlm+noisy":  # as inference gives them (imagetasks)
+        if self.denoise_inputs.startswith("tuned-nlm"):  # as inference gives them (imagetasks)
             query = example_denoise(np.stack(noisy[1:]), np.stack(crops[1:]))(noisy[0][None])[0]
-            prior, valid = noisy[0], np.ones_like(z)
+            if self.denoise_inputs.endswith("+noisy"):
+                prior, valid = noisy[0], np.ones_like(z)
         else:
             query = classical_denoise(noisy[0][None])[0]
         return Episode(np.stack(noisy[1:]), np.stack(crops[1:]), query, crops[0], prior, valid,
