@@ -255,3 +255,64 @@ def test_registration_stopped_at_the_hidden_slice_gives_the_same_answer_there(sh
         stopped = registration_propagate(slices, given, image.slice_spacing(0), stop_at=hidden)[hidden]
         np.testing.assert_array_equal(full, stopped)
         assert full.any()
+
+
+def _image_case(image: Volume, task: str) -> tuple[list, Volume, Volume | None, np.ndarray]:
+    """Four example pairs and two query slices of the lung CT: with noise (denoise) or a hole (inpaint)."""
+    from medgen.prompts import inpaint_self_examples
+
+    clean = image.array.astype(np.float32)
+    if task == "denoise":
+        noisy = image.with_array(clean + np.random.default_rng(0).normal(0, 40, image.shape).astype(np.float32))
+        examples = pairs_from_volumes(noisy, image, 0, [22, 28, 38, 44], "denoise", "ct", own=False)
+        return examples, _slab(noisy.array[32:34], image), None, clean[32:34]
+    hole = np.zeros(image.shape, np.uint8)
+    hole[32:34, 50:70, 40:64] = 1
+    holed = image.with_array(np.where(hole > 0, 0, clean))
+    examples = inpaint_self_examples(holed, image.with_array(hole), 0, "ct", count=4)
+    return examples, _slab(holed.array[32:34], image), _slab(hole[32:34], image), clean[32:34]
+
+
+def _slab(array: np.ndarray, like: Volume) -> Volume:
+    return Volume(np.ascontiguousarray(array), like.spacing, like.origin, like.direction)
+
+
+@pytest.mark.parametrize("task", ["denoise", "inpaint"])
+def test_the_examples_decide_how_much_correction_to_keep(model, lung, task, monkeypatch) -> None:
+    """A network whose correction is noise (the image head's weights scrambled) must be held to its
+    classical start by the strength the examples give; kept whole, the same correction is far worse."""
+    import copy
+
+    import torch
+
+    from medgen.infer import imagetasks
+    from medgen.metrics import psnr
+
+    image, _ = lung
+    examples, query, mask, clean = _image_case(image, task)
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.image_head.weight.add_(torch.randn_like(broken.image_head.weight) * 0.5)
+    options = RunOptions(task, 0, "ct", "cpu", method="model")
+    region = mask.array > 0 if mask is not None else np.ones(clean.shape, bool)
+    score = lambda out: psnr(out.volume.array[region], clean[region], float(np.ptp(clean[region])))
+    fitted = run_with_report(broken, query, examples, options, mask=mask)
+    assert "the model kept 0% of its correction" in fitted.report.lines()[0] or \
+        "the model kept 1% of its correction" in fitted.report.lines()[0], fitted.report.lines()
+    fixed = {}
+    for strength in (0.0, 1.0):
+        monkeypatch.setattr(imagetasks, "correction_strength", lambda *a, s=strength: s)
+        fixed[strength] = score(run_with_report(broken, query, examples, options, mask=mask))
+    assert score(fitted) >= fixed[0.0] - 0.2 and fixed[1.0] < fixed[0.0] - 3, (score(fitted), fixed)
+
+
+def test_one_pair_keeps_the_whole_correction(model, lung) -> None:
+    """Nothing to hold out with one pair: the model's output is its own, and no share is reported."""
+    from medgen.infer import imagetasks
+    from medgen.infer.predictor import Predictor
+
+    image, _ = lung
+    examples, query, _, _ = _image_case(image, "denoise")
+    assert imagetasks.correction_strength(Predictor(model, "cpu"), examples[:1], 1, 0) is None
+    one = run_with_report(model, query, examples[:1], RunOptions("denoise", 0, "ct", "cpu", method="model"))
+    assert "kept" not in one.report.lines()[0]

@@ -157,7 +157,7 @@ def test_modality_hiding_follows_its_share(sampler: EpisodeSampler) -> None:
 
 
 def test_denoising_start_fitted_on_the_examples(shared_data: Path) -> None:
-    """The start of `denoise_inputs = "tuned-nlm+noisy"` models: NL-means tuned on the example
+    """The start of `denoise_inputs = "tuned-nlm(+noisy)"` models: NL-means tuned on the example
     pairs (real BraTS T1 slices, Rician noise at 5 %) is closer to the clean tissue than NL-means
     from the slice's own noise estimate; the sampler trains on the inputs the config names (that
     start and the noisy slice in the prior channel)."""
@@ -173,16 +173,17 @@ def test_denoising_start_fitted_on_the_examples(shared_data: Path) -> None:
     err = lambda x: float(np.mean((x[0][tissue] - t1[80][tissue]) ** 2))
     fitted = example_denoise(noisy[[60, 100]], t1[[60, 100]])(noisy[80][None])
     assert err(fitted) < err(classical_denoise(noisy[80][None])) < err(noisy[80][None])
-    with pytest.raises(ValueError, match="denoise_inputs must be one of slice-nlm, tuned-nlm"):
-        ModelConfig(denoise_inputs="tuned-nlm")
+    with pytest.raises(ValueError, match="denoise_inputs must be one of slice-nlm, tuned-nlm, tuned-nlm"):
+        ModelConfig(denoise_inputs="tuned-nlm+clean")
     only = {"segment3d": 0, "pseudo3d": 0, "segment2d": 0, "synthetic": 0, "denoise": 1.0, "inpaint": 0,
             "synthesize": 0}
     cases = [c for c in load_cases(shared_data, busi_limit=0) if c.name == "TCGA-DU-7294"]
     draws = {s: EpisodeSampler(cases, grid=64, seed=3, weights=only, augment=False, denoise_inputs=s).sample(2)
-             for s in ("slice-nlm", "tuned-nlm+noisy")}
-    old, new = draws["slice-nlm"], draws["tuned-nlm+noisy"]
+             for s in ("slice-nlm", "tuned-nlm", "tuned-nlm+noisy")}
+    old, tuned, new = draws["slice-nlm"], draws["tuned-nlm"], draws["tuned-nlm+noisy"]
     assert np.array_equal(old.target, new.target)  # the same draw, other inputs
     assert not np.array_equal(old.query, new.query) and not old.prior_valid.any() and new.prior_valid.all()
+    assert np.array_equal(tuned.query, new.query) and not tuned.prior_valid.any()  # the start alone
     assert np.mean((new.prior - new.target) ** 2) > np.mean((new.query - new.target) ** 2)  # noisy, then start
 
 

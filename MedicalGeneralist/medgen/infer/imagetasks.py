@@ -179,8 +179,9 @@ def correction_strength(p: Predictor, examples: list[Example], task: int, modali
 
 def run_image_task(p: Predictor, slices: np.ndarray, examples: list[Example], task: int,
                    modality: int, in_norm: Normalizer, out_norm: Normalizer,
-                   holes: np.ndarray | None, progress: Progress, batch: int = 4) -> np.ndarray:
-    """slices: [n, H, W] input units; holes: [n, H, W] bool for inpainting. Returns output units."""
+                   holes: np.ndarray | None, progress: Progress, batch: int = 4) -> tuple[np.ndarray, float | None]:
+    """slices: [n, H, W] input units; holes: [n, H, W] bool for inpainting. Returns the output (output
+    units) and the correction strength the examples gave (None with one pair: all of it kept)."""
     strength = correction_strength(p, examples, task, modality)
     cache = encode_examples(p, examples, task, modality)
     size = p.model.config.grid
@@ -206,4 +207,4 @@ def run_image_task(p: Predictor, slices: np.ndarray, examples: list[Example], ta
             y = np.where(holes[idx], y, slices[idx])
         out[idx] = y
         progress((j + len(idx)) / max(len(todo), 1), f"slice {idx[-1] + 1}/{n}")
-    return out
+    return out, strength

@@ -230,16 +230,16 @@ def _adapted(model, device, examples, options, in_volume, cancel=None, long_side
                  steps, options.adapt_seconds, seed=options.seed, cancel=cancel, window=grid)
 
 
-def _image_task(model, device, image, examples, options, mask, progress, cancel) -> np.ndarray:
+def _image_task(model, device, image, examples, options, mask, progress, cancel) -> tuple[np.ndarray, float | None]:
     slices = slice_view(image.array, options.axis).astype(np.float32)
     in_norm = fit_normalizer(image.array, options.modality)
     out_norm = in_norm if options.task != "synthesize" else examples[0].target_norm
     holes = slice_view(mask.array != 0, options.axis) if options.task == "inpaint" else None
     predictor = Predictor(_adapted(model, device, examples, options, False, cancel), device, cancel)
-    out = run_image_task(predictor, slices, examples, task_index(options.task),
-                         modality_index(options.modality), in_norm, out_norm, holes, progress)
+    out, strength = run_image_task(predictor, slices, examples, task_index(options.task),
+                                   modality_index(options.modality), in_norm, out_norm, holes, progress)
     progress(1.0, "done")
-    return np.ascontiguousarray(np.moveaxis(out, 0, options.axis))
+    return np.ascontiguousarray(np.moveaxis(out, 0, options.axis)), strength
 
 
 __all__ = ["run", "run_with_report", "RunResult", "RunOptions", "SegmentSettings", "IMAGE_TASKS"]

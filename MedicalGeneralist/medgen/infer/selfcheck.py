@@ -130,7 +130,7 @@ class Estimate:
             return f"{self.name}: {self.chosen}, no estimate {count}" + (f" ({self.note})" if self.note else "")
         others = ", ".join(f"{m} {fmt(v)}" for m, v in self.candidates.items() if m != self.chosen)
         return (f"{self.name}: {self.chosen}, estimated {unit} {fmt(self.estimate)}"
-                + (f" ({others})" if others else "") + f" {count}")
+                + (f" ({others})" if others else "") + f" {count}" + (f"; {self.note}" if self.note else ""))
 
 
 @dataclass
@@ -570,7 +570,7 @@ def run_segmentation(model, device, image, examples: list[Example], options, mod
 
 
 def run_image_task(model, device, image, examples: list[Example], options, mask,
-                   model_answer: Callable[[Progress], np.ndarray], progress: Progress,
+                   model_answer: Callable[[Progress], tuple[np.ndarray, float | None]], progress: Progress,
                    cancel: Callable[[], bool] | None = None) -> tuple[np.ndarray, SelfCheckReport]:
     """Denoising, synthesis or inpainting (image axis order) by `options.method`, and its report."""
     from medgen.core.config import modality_index, task_index
@@ -588,7 +588,7 @@ def run_image_task(model, device, image, examples: list[Example], options, mask,
             out_norm = rest[0].target_norm if task == "synthesize" else hidden.image_norm
             return imagetasks.run_image_task(predictor, hidden.image[None].astype(np.float32), rest,
                                              task_index(task), modality_index(options.modality),
-                                             hidden.image_norm, out_norm, holes, lambda f, m: None)[0]
+                                             hidden.image_norm, out_norm, holes, lambda f, m: None)[0][0]
         estimate = choose_image_task(task, check_image_task(task, examples, model_fold,
                                                             _part(progress, 0.0, 0.5), fitted), len(examples))
     else:
@@ -596,7 +596,10 @@ def run_image_task(model, device, image, examples: list[Example], options, mask,
     t1 = time.perf_counter()
     rest = _part(progress, 0.5 if method == "auto" else 0.0, 1.0)
     if estimate.chosen == "model":
-        array = model_answer(rest)
+        array, strength = model_answer(rest)
+        if strength is not None:
+            estimate.note = (estimate.note + "; " if estimate.note else "") + (
+                f"the model kept {strength:.0%} of its correction to its classical start (fitted on the examples)")
     else:
         fn, parameter = fitted.get(estimate.chosen) or classical_method(task, estimate.chosen, examples)
         if parameter:
