@@ -258,3 +258,16 @@ def test_untrained_model_returns_its_classical_start(tmp_path: Path, inputs: str
     m = rows["rows"][0]["methods"]
     assert m["ours"]["psnr"] > m["noisy input"]["psnr"] + 1.0
     assert m["ours"]["ssim"] > m["noisy input"]["ssim"]
+
+
+def test_denoising_slab_timing_extrapolates_the_per_slice_share_only() -> None:
+    """A slab-timed denoising row (the bench's 300 x 512^2 volumes) reports the whole volume's
+    seconds as one cold run plus the per-slice share of the remaining slices, measured from two
+    warm runs, with the same fields as a whole-volume row (the report reads both alike)."""
+    from medgen_dev.bench.speed import volume_run
+
+    whole = volume_run("denoise", (12, 64, 64), 2, "cpu")
+    cut = volume_run("denoise", (12, 64, 64), 2, "cpu", slab=2)
+    assert not whole["extrapolated"] and cut["extrapolated"] and cut["slices_timed"] == 2
+    assert set(whole) <= set(cut) and cut["seconds_per_slice"] >= 0
+    assert cut["seconds"] >= cut["seconds_per_slice"] * 10  # the ten untimed slices are counted
