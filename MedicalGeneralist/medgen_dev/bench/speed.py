@@ -195,21 +195,21 @@ def volume_run(task: str, shape: tuple[int, int, int], k: int, device: str, net:
         # the network against the reference network: the model's own path, no self-check
         run(network, vol, examples, RunOptions(task, 0, "mr", device, method="model"))
         done = vol.shape[0]
-        if done < n:  # a slab: extrapolate its per-slice share only, not the run's fixed cost
-            return _slab_figures(network, noisy, examples, slab, time.perf_counter() - start, base_mb, shape,
-                                 len(idx), device, net, task)
-    seconds = time.perf_counter() - start
+    elapsed = time.perf_counter() - start
+    seconds, per_slice = elapsed * n / done, elapsed / done  # linear: the reference network's slab
+    if net != "universeg" and done < n:  # our slab: only its per-slice share, not the run's fixed cost
+        per_slice = _warm_per_slice(network, noisy, examples, slab, device, task)
+        seconds = elapsed + per_slice * (n - done)
     gpu = torch.cuda.max_memory_allocated() / 2 ** 20 if torch.device(device).type == "cuda" else None
     return {"net": net, "task": task, "shape": list(shape), "k": len(idx), "device": device,
-            "seconds": seconds * n / done, "seconds_per_slice": seconds / done,
+            "seconds": seconds, "seconds_per_slice": per_slice,
             "slices_timed": done, "extrapolated": done < n, "peak_gpu_mb": gpu, "base_rss_mb": base_mb,
             "peak_rss_mb": _peak_rss_mb()}
 
 
-def _slab_figures(network, noisy, examples, slab: int, cold: float, base_mb: float, shape, k: int,
-                  device: str, net: str, task: str) -> dict:
-    """Extrapolate a slab run as cold run + per-slice share x the other slices. The per-slice share is
-    the difference of two warm runs (slab and four times the slab): the run's fixed cost (fitting the
+def _warm_per_slice(network, noisy, examples, slab: int, device: str, task: str) -> float:
+    """Seconds per slice of our slab-timed run, for extrapolating the slab's cold run to the volume:
+    the difference of two warm runs (slab and four times the slab). The run's fixed cost (fitting the
     denoising start, the correction strength's hidden pairs) is paid once per volume, and multiplying
     it with the slices overstated a 300-slice volume by 75 times that cost. A difference over three
     slabs, not one: on 2 cores two runs of 4 and 8 slices differed by 0.45-0.92 s per slice from run
@@ -221,12 +221,7 @@ def _slab_figures(network, noisy, examples, slab: int, cold: float, base_mb: flo
         t = time.perf_counter()
         run(network, _slab(noisy, m * slab), examples, RunOptions(task, 0, "mr", device, method="model"))
         timed.append(time.perf_counter() - t)
-    per_slice = max(timed[1] - timed[0], 0.0) / (3 * slab)
-    gpu = torch.cuda.max_memory_allocated() / 2 ** 20 if torch.device(device).type == "cuda" else None
-    return {"net": net, "task": task, "shape": list(shape), "k": k, "device": device,
-            "seconds": cold + per_slice * (shape[0] - slab), "seconds_per_slice": per_slice,
-            "slices_timed": slab, "extrapolated": True, "peak_gpu_mb": gpu, "base_rss_mb": base_mb,
-            "peak_rss_mb": _peak_rss_mb()}
+    return max(timed[1] - timed[0], 0.0) / (3 * slab)
 
 
 def _status_mb(key: str) -> float | None:
