@@ -280,6 +280,35 @@ def test_registration_field_on_a_coarser_grid(lesion) -> None:
     assert dice(coarse[inside], full[inside]) > 0.9
 
 
+def test_registration_fields_side_by_side_match_one_at_a_time(lesion) -> None:
+    """registration_propagate computes a chain's fields on one thread per core: the masks are the
+    very ones of one registration at a time (torch limited to one thread), between the labelled
+    slices, past them to a reach, and to a hidden slice; the shared cache holds every field the
+    one-at-a-time run needed (and those fetched ahead of an open end that stopped sooner)."""
+    import torch
+
+    image, label = lesion
+    slices = fit_normalizer(image.array, "ct", clip=True)(image.array[12:30])
+    truth = label.array[12:30] > 0
+    given = {4: truth[4], 9: truth[9], 13: truth[13]}
+    spacing = image.slice_spacing(0)
+    calls = [dict(reach=3, tissue_stop=True), dict(stop_at=6), dict(stop_at=2, tissue_stop=True)]
+    threads = torch.get_num_threads()
+    try:
+        answers = []
+        for n in (max(threads, 2), 1):
+            torch.set_num_threads(n)
+            cache = classical.FieldCache()
+            answers.append(([classical.registration_propagate(slices, given, spacing, fields=cache, **kw)
+                             for kw in calls], sorted(cache)))
+    finally:
+        torch.set_num_threads(threads)
+    (side, side_keys), (one, one_keys) = answers
+    assert all(np.array_equal(a, b) for a, b in zip(side, one))
+    assert set(one_keys) <= set(side_keys) and len(one_keys) >= 12  # ahead: also past a tissue stop
+    assert dice(side[0][5:9], truth[5:9]) > 0.7
+
+
 def test_carry_all_mosaic_matches_single_carries(lesion) -> None:
     """carry_all registers the chains' pairs as one mosaic: each tile's carried mask agrees with
     its own registration (real CT slices shifted by 2-8 pixels)."""
