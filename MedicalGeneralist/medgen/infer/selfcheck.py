@@ -55,6 +55,7 @@ bench's calibration table says by how much (estimated against actual Dice).
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -481,6 +482,22 @@ def _stop_if(cancel: Callable[[], bool] | None) -> None:
         raise Cancelled("cancelled by the user; nothing was written")
 
 
+def latched(cancel: Callable[[], bool] | None) -> Callable[[], bool] | None:
+    """`cancel`, asked by one thread at a time and answering True for good once it has: the
+    self-check's folds run side by side, and a fold still running when another saw the request
+    must stop at its next question without asking the user's flag again."""
+    if cancel is None:
+        return None
+    lock, seen = threading.Lock(), []
+
+    def ask() -> bool:
+        with lock:
+            if not seen and cancel():
+                seen.append(True)
+            return bool(seen)
+    return ask
+
+
 def _part(progress: Progress, a: float, b: float) -> Progress:
     return lambda f, msg: progress(a + (b - a) * f, msg)
 
@@ -500,6 +517,7 @@ def run_segmentation(model, device, image, examples: list[Example], options, mod
     from medgen.prompts import example_labels
 
     method, axis = options.method, options.axis
+    cancel = latched(cancel)  # the folds ask it from several threads
     labels = example_labels(examples)
     own = {e.slice_index: e.target for e in examples if e.slice_index is not None}
     if mode != "propagate":
