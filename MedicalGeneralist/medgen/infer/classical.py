@@ -12,6 +12,7 @@ Propagation methods take slices-first arrays (slice axis 0) and labelled slice i
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -39,11 +40,13 @@ class FieldCache(dict):
     def __init__(self, budget_bytes: int = 512 << 20) -> None:
         super().__init__()
         self.room = budget_bytes
+        self._lock = threading.Lock()  # the self-check's folds keep fields from several threads
 
     def keep(self, key: tuple, transform, nbytes: int) -> None:
-        if nbytes <= self.room:
-            self[key] = transform
-            self.room -= nbytes
+        with self._lock:
+            if nbytes <= self.room and key not in self:
+                self[key] = transform
+                self.room -= nbytes
 
 
 def registration_propagate(slices: np.ndarray, given: dict[int, np.ndarray],
@@ -140,15 +143,12 @@ def carry(fixed: np.ndarray, moving: np.ndarray, mask: np.ndarray, iterations: i
     import SimpleITK as sitk
 
     f, m = sitk2d(fixed, (1.0, 1.0)), sitk2d(moving, (1.0, 1.0))
-    filters = [sitk.BinShrinkImageFilter(), sitk.FastSymmetricForcesDemonsRegistrationFilter(),
-               sitk.ResampleImageFilter()]
-    shrinker, demons, resample = filters
+    shrinker, resample = sitk.BinShrinkImageFilter(), sitk.ResampleImageFilter()
     if threads is not None:
-        for one in filters:
-            one.SetNumberOfThreads(threads)
+        shrinker.SetNumberOfThreads(threads)
+        resample.SetNumberOfThreads(threads)
+    demons = _demons(iterations, threads)
     shrinker.SetShrinkFactors([shrink] * 2)
-    demons.SetNumberOfIterations(iterations)
-    demons.SetStandardDeviations(1.5)
     field = demons.Execute(shrinker.Execute(f), shrinker.Execute(m))
     resample.SetReferenceImage(f)
     resample.SetTransform(sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64)))

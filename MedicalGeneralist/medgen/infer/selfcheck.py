@@ -223,7 +223,10 @@ def check_segmentation(ctx: SegmentContext, progress: Progress) -> list[Record]:
         regions = {v: _region(h, has[v]) for v in ctx.labels}
         if any(regions.values()):
             jobs.append((h, lo, hi, regions))
-    fold = lambda job: _fold_predictions(ctx, own, job[0], job[1], job[2], [v for v in ctx.labels if job[3][v]])
+
+    def fold(job: tuple[int, int, int, dict]) -> dict[int, dict[str, np.ndarray]]:
+        h, lo, hi, regions = job
+        return _fold_predictions(ctx, own, h, lo, hi, [v for v in ctx.labels if regions[v]])
     records = []
     with ThreadPoolExecutor(max(1, min(len(jobs), torch.get_num_threads()))) as pool:
         for i, ((h, _, _, regions), preds) in enumerate(zip(jobs, pool.map(fold, jobs))):
