@@ -93,7 +93,7 @@ def run_with_report(model: InContextUNet, image: Volume, examples: list[Example]
         try:
             if task == "segment":
                 mode = segment_mode(options.segment.mode, image, examples)
-                answer = lambda p: _segment(model, device, image, examples, options, p, cancel)
+                answer = lambda p, parts=None: _segment(model, device, image, examples, options, p, cancel, parts)
                 array, report = selfcheck.run_segmentation(model, device, image, examples, options, mode,
                                                            answer, progress, cancel)
             else:
@@ -157,7 +157,11 @@ def _check_mask(image: Volume, mask: Volume | None) -> None:
         raise InputError("the inpainting mask is empty: mark the region to fill with non-zero voxels")
 
 
-def _segment(model, device, image, examples, options, progress, cancel) -> np.ndarray:
+def _segment(model, device, image, examples, options, progress, cancel,
+             parts: dict[int, tuple[str, ...]] | None = None) -> np.ndarray:
+    """The model's segmentation; with `parts` (label value -> "between" / "beyond" its labelled
+    slices) only those regions are propagated, the rest left empty (the self-check's other
+    methods fill them)."""
     labels = example_labels(examples)
     slices = slice_view(image.array, options.axis)
     norm = fit_normalizer(image.array, options.modality)
@@ -180,7 +184,7 @@ def _segment(model, device, image, examples, options, progress, cancel) -> np.nd
         sub = lambda f, msg, i=i: progress((i + f * len(part)) / len(labels), msg)
         seg = VolumeSegmenter(predictor, slices, spacing=spacing, norm=norm, examples=examples, labels=part,
                               task=t, modality=m, in_volume=in_volume, settings=options.segment,
-                              progress=sub, thickness=image.slice_thickness(options.axis))
+                              progress=sub, thickness=image.slice_thickness(options.axis), parts=parts)
         probs = seg.propagate() if mode == "propagate" else seg.independent()
         for s in range(probs.shape[1]):  # slice by slice: the overlap rule's temporaries stay small
             p = probs[:, s].astype(np.float16)

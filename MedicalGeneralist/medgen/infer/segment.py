@@ -127,12 +127,16 @@ class VolumeSegmenter:
                  norm: Normalizer, examples: list[Example], labels: list[int], task: int,
                  modality: int, in_volume: bool, settings: SegmentSettings, progress: Progress,
                  thickness: float | None = None, fill_backends: dict[int, str] | None = None,
-                 stop_at: int | None = None) -> None:
+                 stop_at: int | None = None, parts: dict[int, tuple[str, ...]] | None = None) -> None:
         self.predictor, self.slices, self.spacing, self.norm = predictor, slices, spacing, norm
         # only this slice's answer is wanted (a self-check fold's hidden slice): a chain's
         # prediction there depends only on the slices it crossed before, so chains that never
         # reach it are skipped and the others end there, for the same answer at that slice
         self.stop_at = stop_at
+        # label value -> the regions wanted ("between" / "beyond" its labelled slices; default
+        # both): the self-check may take one region from another method, and the chains of the
+        # other region are skipped instead of run and thrown away
+        self.parts = parts or {}
         # label value -> fill-between backend; the self-check's folds see fewer labelled slices
         # than the run and pass the run's choice, so they score the prior the run will use
         self.fill_backends = fill_backends or {}
@@ -227,6 +231,8 @@ class VolumeSegmenter:
                                         origin_area=float(mask.sum()),
                                         max_steps=self._max_steps(li, origin, step, mask, has),
                                         band=classical.tissue_band(self.norm(self.slices[origin]), mask) if stops else None))
+        chains = [c for c in chains if _region(c, known, self.labels[c.label]) in
+                  self.parts.get(self.labels[c.label], ("between", "beyond"))]
         if self.stop_at is not None:  # only the chains that cross it, ended just past it
             chains = [replace(c, end=self.stop_at + c.step) for c in chains
                       if min(c.start, c.end) < self.stop_at < max(c.start, c.end)]
@@ -350,6 +356,14 @@ class VolumeSegmenter:
             c.empties = 0 if area > self.settings.min_area * c.origin_area else c.empties + 1
             if self.settings.memory:
                 c.memory = (c.memory + [mem.index([i])])[-self.settings.memory:]
+
+
+def _region(chain: Chain, known: dict[int, np.ndarray], value: int) -> str:
+    """Whether a chain runs beyond its label's outermost labelled slices or between them (as
+    the self-check's `assemble_segmentation` splits the output)."""
+    holding = sorted(s for s, t in known.items() if np.any(t == value))
+    outward = chain.start == (holding[0] if chain.step < 0 else holding[-1])
+    return "beyond" if outward else "between"
 
 
 def reach(mask: np.ndarray, spacing: tuple[float, float], thickness: float | None, labelled: int,

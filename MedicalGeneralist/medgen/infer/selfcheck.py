@@ -506,12 +506,13 @@ def _part(progress: Progress, a: float, b: float) -> Progress:
 
 
 def run_segmentation(model, device, image, examples: list[Example], options, mode: str,
-                     model_answer: Callable[[Progress], np.ndarray], progress: Progress,
+                     model_answer: Callable[..., np.ndarray], progress: Progress,
                      cancel: Callable[[], bool] | None = None) -> tuple[np.ndarray, SelfCheckReport]:
     """The segmentation (image axis order) by `options.method`, and its report.
 
-    `model_answer(progress)` is the model's own output (the pipeline's path, adaptation included);
-    it is only called when some label's chosen method is the model."""
+    `model_answer(progress, parts=None)` is the model's own output (the pipeline's path, adaptation
+    included), limited to `parts` (label value -> regions) when given; it is only called when some
+    label's chosen method is the model, and only for the regions where it is."""
     from medgen.core.config import modality_index, task_index
     from medgen.core.intensity import fit_normalizer
     from medgen.core.volume import slice_view
@@ -573,8 +574,9 @@ def run_segmentation(model, device, image, examples: list[Example], options, mod
         geometry = (spacing, image.slice_thickness(axis), options.segment.extent)
         stop = lambda mask: cap_open_ends(mask, mine, *geometry)
         if m == "model":
-            if "model" not in cache:
-                cache["model"] = np.moveaxis(model_answer(rest), axis, 0)
+            if "model" not in cache:  # one run for every label's model regions
+                wanted = {u: tuple(r for r, x in e.parts.items() if x == "model") for u, e in zip(labels, estimates)}
+                cache["model"] = np.moveaxis(model_answer(rest, wanted), axis, 0)
             return cache["model"] == v
         if m == "nearest":
             idx = sorted(own)
