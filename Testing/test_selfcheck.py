@@ -166,7 +166,8 @@ def lung_files(lung, tmp_path_factory) -> tuple[Path, Path, Path]:
 REPORT_KEYS = {"schema": int, "task": str, "method": str, "estimates": list, "check_seconds": float,
                "run_seconds": float}
 ESTIMATE_KEYS = {"name": str, "metric": str, "chosen": str, "estimate": (float, type(None)),
-                 "candidates": dict, "examples": int, "folds": int, "parts": dict, "note": str}
+                 "candidates": dict, "examples": int, "folds": int, "parts": dict, "note": str,
+                 "leave_one_out": (float, type(None))}
 
 
 @pytest.mark.model
@@ -218,8 +219,13 @@ def test_auto_prints_estimates_and_writes_the_schema(lung_files) -> None:
     assert set(est["candidates"]) == set(selfcheck.SEGMENT_METHODS)
     assert all(0.0 <= v <= 1.0 for v in est["candidates"].values()) and 0.0 <= est["estimate"] <= 1.0
     assert set(est["parts"]) == {"between", "beyond"} and set(est["parts"].values()) <= set(selfcheck.SEGMENT_METHODS)
+    # the estimate is the chosen method's leave-one-out Dice mapped to the Dice the run should get
+    loo = est["leave_one_out"]
+    assert loo == est["candidates"][est["chosen"]] or " between, " in est["chosen"]
+    assert est["estimate"] == pytest.approx(selfcheck.expected_dice(loo), abs=1e-4)
     line = next(l for l in done.stdout.splitlines() if l.startswith("label 1:"))
     assert f"estimated Dice {est['estimate']:.2f}" in line and "from 3 labelled slices" in line
+    assert f"leave-one-out {loo:.2f}" in line
     for m, v in est["candidates"].items():
         if m != est["chosen"]:
             assert f"{m} {v:.2f}" in line
@@ -316,3 +322,12 @@ def test_one_pair_keeps_the_whole_correction(model, lung) -> None:
     assert imagetasks.correction_strength(Predictor(model, "cpu"), examples[:1], 1, 0) is None
     one = run_with_report(model, query, examples[:1], RunOptions("denoise", 0, "ct", "cpu", method="model"))
     assert "kept" not in one.report.lines()[0]
+
+
+def test_expected_dice_is_monotone_and_bounded() -> None:
+    """The map from leave-one-out to expected Dice keeps the order of the candidates' scores and
+    stays a Dice; a perfect leave-one-out does not promise more than the fitted runs got."""
+    loo = np.linspace(0, 1, 101)
+    expected = np.array([selfcheck.expected_dice(v) for v in loo])
+    assert np.all(np.diff(expected) > 0) and expected.min() >= 0 and expected.max() <= 1
+    assert expected[0] > 0.3 and expected[-1] < 1  # pessimistic raw scores are lifted, not inflated to 1

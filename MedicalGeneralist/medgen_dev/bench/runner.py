@@ -213,6 +213,7 @@ def _auto(model, image: Volume, examples: list, options, mask: Volume | None = N
     report = result.report.to_dict()
     first = report["estimates"][0]
     return result.volume.array, {"chosen": first["chosen"], "estimate": first["estimate"],
+                                 "loo": first.get("leave_one_out", first["estimate"]),
                                  "candidates": first["candidates"], "note": first["note"],
                                  "seconds": time.perf_counter() - t,
                                  "check_seconds": report["check_seconds"], "run_seconds": report["run_seconds"]}
