@@ -9,6 +9,7 @@ junit `user_properties`) but asserted only loosely, since the shipped model is b
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -395,3 +396,33 @@ def test_parts_run_only_the_wanted_region(model, lesion) -> None:
     np.testing.assert_allclose(between[inside], whole[inside], atol=1e-3)
     assert not beyond[inside].any() and not between[outside].any()
     assert predicted[("beyond",)] + predicted[("between",)] == predicted[None], predicted
+
+
+@pytest.mark.model
+def test_propagations_stepped_together_match_each_alone(model, lesion) -> None:
+    """The self-check's folds step together (one batched prediction and one mosaic of carries per
+    step): each fold's answer is the one it gets alone, though they differ in examples and stack."""
+    import torch
+
+    from medgen.core.config import modality_index, task_index
+    from medgen.infer.predictor import Predictor
+
+    image, label = lesion
+    predictor = Predictor(model, torch.device("cpu"))
+    norm = fit_normalizer(image.array, "ct")
+
+    def fold(given: list[int], lo: int, hi: int, hidden: int) -> segment.VolumeSegmenter:
+        examples = pairs_from_volumes(image, label, 0, given, "segment", "ct", own=True)
+        examples = [e if lo <= e.slice_index <= hi else replace(e, slice_index=None) for e in examples]
+        examples = [replace(e, slice_index=e.slice_index - lo) if e.slice_index is not None else e for e in examples]
+        return segment.VolumeSegmenter(
+            predictor, image.array[lo:hi + 1], spacing=image.slice_spacing(0), norm=norm, examples=examples,
+            labels=[1], task=task_index("segment"), modality=modality_index("ct"), in_volume=True,
+            settings=SegmentSettings(mode="propagate"), progress=lambda f, m: None, stop_at=hidden - lo)
+
+    folds = [([16, 24], 16, 24, 20), ([16, 20], 16, 20, 18), ([20, 24], 20, 24, 23)]
+    together = segment.propagate_together([fold(*f) for f in folds])
+    for (given, lo, hi, hidden), joint in zip(folds, together):
+        alone = fold(given, lo, hi, hidden).propagate()
+        assert alone[0, hidden - lo].max() > 0.5
+        np.testing.assert_allclose(joint[0, hidden - lo], alone[0, hidden - lo], atol=2e-3)

@@ -270,36 +270,29 @@ class VolumeSegmenter:
         return reach(mask, self.spacing, self.thickness, len(holding), self.settings.extent)
 
     def propagate(self) -> np.ndarray:
+        return propagate_together([self])[0]
+
+    def _begin(self) -> "_Run":
         n, shape = self.slices.shape[0], self.slices.shape[1:]
         self.fill = self._fill_priors()
-        acc = np.zeros((len(self.labels), n) + shape, np.float32)
-        wsum = np.zeros((len(self.labels), n), np.float32)
         chains = self._chains()
-        total = max(sum(abs(c.end - c.start) - 1 for c in chains), 1)
-        done, t = 0, 0
-        while chains:
-            t += 1
-            chains = [c for c in chains if c.slice_at(t) != c.end]
-            if not chains:
-                break
-            self._step(chains, t, acc, wsum)
-            done += len(chains)
-            chains = [c for c in chains if not (c.stops and (c.empties >= self.settings.stop_after_empty
-                                                             or t >= c.max_steps))]
-            self.progress(min(done / total, 1.0), f"propagating: step {t}, {len(chains)} active")
+        return _Run(chains, np.zeros((len(self.labels), n) + shape, np.float32),
+                    np.zeros((len(self.labels), n), np.float32), max(sum(abs(c.end - c.start) - 1 for c in chains), 1))
+
+    def _advance(self, run: "_Run", t: int) -> None:
+        """After step t: drop the chains that stopped, report progress."""
+        run.done += len(run.chains)
+        run.chains = [c for c in run.chains if not (c.stops and (c.empties >= self.settings.stop_after_empty
+                                                                 or t >= c.max_steps))]
+        self.progress(min(run.done / run.total, 1.0), f"propagating: step {t}, {len(run.chains)} active")
+
+    @staticmethod
+    def _end(run: "_Run") -> np.ndarray:
+        acc, wsum = run.acc, run.wsum
         for li in range(acc.shape[0]):  # in place, slice by slice: no second full-volume copy
             for s in np.nonzero(wsum[li] > 0)[0]:
                 acc[li, s] /= wsum[li, s]
         return acc
-
-    def _predict_chunk(self, chains: list[Chain], q: np.ndarray, prior: np.ndarray) -> np.ndarray:
-        """One memory-sized group of chains: their context (prompt + memory) is gathered here,
-        per group, so the copy never spans all chains at once (memory flat in the chain count)."""
-        cache = _runs(self.cache, [c.label for c in chains])
-        if chains[0].memory:
-            cache = cache.cat(stack_caches([_cat_pairs(c.memory) for c in chains]))
-        return self.predictor.predict(q, cache, "seg", prior if self.settings.prior else None,
-                              np.ones_like(prior) if self.settings.prior else None)
 
     def _prior_of(self, c: Chain, t: int) -> np.ndarray:
         """The previous prediction, or between labelled slices the fill-between-slices result."""
@@ -308,36 +301,36 @@ class VolumeSegmenter:
             return c.prev
         return fill[c.slice_at(t)].astype(np.float32)
 
-    def _carry(self, chains: list[Chain], priors: list[np.ndarray], t: int, q: np.ndarray,
-               prior: np.ndarray) -> None:
-        """Each chain's previous prediction, carried onto this slice by demons registration of
-        the previous slice onto it (on the model grid), becomes the prior; between labelled
-        slices it is averaged with the fill-between prior. In place on `prior`."""
+    def _carry_jobs(self, chains: list[Chain], priors: list[np.ndarray], t: int, q: np.ndarray,
+                    prior: np.ndarray) -> tuple[list[int], list[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+        """The chains whose previous prediction is carried onto this slice by demons registration
+        of the previous slice onto it (on the model grid), and their (fixed, moving, mask) jobs."""
         live = [i for i, c in enumerate(chains) if c.prev.max() >= self.settings.threshold]
         jobs = [(q[i], to_grid(self.norm(self.slices[chains[i].slice_at(t - 1)]), chains[i].box, self.grid),
                  prior[i] if priors[i] is chains[i].prev else to_grid(chains[i].prev, chains[i].box, self.grid))
                 for i in live]  # an open end's prior is already its previous prediction on the grid
-        for i, carried in zip(live, classical.carry_all(jobs)):
-            prior[i] = carried if priors[i] is chains[i].prev else 0.5 * (prior[i] + carried)
+        return live, jobs
 
-    def _step(self, chains: list[Chain], t: int, acc: np.ndarray, wsum: np.ndarray) -> None:
-        shape = self.slices.shape[1:]
+    def _prepare(self, chains: list[Chain], t: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """Step t's query crops and priors on the grid (boxes follow the priors), before the carry."""
         priors = [self._prior_of(c, t) for c in chains]
         for c, p in zip(chains, priors):
             c.box = cap_box(self._box(p > self.settings.threshold, c.box), self.spacing, c.max_side_mm)
         q = np.stack([to_grid(self.norm(self.slices[c.slice_at(t)]), c.box, self.grid) for c in chains])
         prior = np.stack([to_grid(p, c.box, self.grid) for c, p in zip(chains, priors)])
-        if self.settings.carry:
-            self._carry(chains, priors, t, q, prior)
-        probs = np.concatenate([self._predict_chunk(chains[i:i + n], q[i:i + n], prior[i:i + n])
-                                for n in [self.predictor.chunk_size(self.grid, self.cache.k + len(chains[0].memory))]
-                                for i in range(0, len(chains), n)])
-        if self.settings.anchor is not None and self.settings.prior:
-            probs = np.stack([anchor_area(p, r, self.settings.threshold, self.settings.anchor) if c.stops else p
-                              for c, p, r in zip(chains, probs, prior)])
-        if self.settings.memory:
-            mem = self.predictor.encode(q[:, None], (probs[:, None] > self.settings.threshold).astype(np.float32),
-                                self.task, self.modality)
+        return q, prior, priors
+
+    def _anchor(self, chains: list[Chain], probs: np.ndarray, prior: np.ndarray) -> np.ndarray:
+        """Open ends held to their carried prior's area (anchor_area; see the module docstring)."""
+        if self.settings.anchor is None or not self.settings.prior:
+            return probs
+        return np.stack([anchor_area(p, r, self.settings.threshold, self.settings.anchor) if c.stops else p
+                         for c, p, r in zip(chains, probs, prior)])
+
+    def _finish(self, run: "_Run", t: int, probs: np.ndarray, mem: ContextCache | None, first: int) -> None:
+        """Step t's predictions back onto the slices; `mem` holds this run's pairs from `first`."""
+        shape = self.slices.shape[1:]
+        chains, acc, wsum = run.chains, run.acc, run.wsum
         for i, (c, prob) in enumerate(zip(chains, probs)):
             s = c.slice_at(t)
             full = from_grid(prob, c.box, shape)
@@ -354,8 +347,85 @@ class VolumeSegmenter:
             area = float((full > self.settings.threshold).sum())
             # "empty" = (nearly) gone: a few stray pixels must not keep a chain alive
             c.empties = 0 if area > self.settings.min_area * c.origin_area else c.empties + 1
-            if self.settings.memory:
-                c.memory = (c.memory + [mem.index([i])])[-self.settings.memory:]
+            if mem is not None:
+                c.memory = (c.memory + [mem.index([first + i])])[-self.settings.memory:]
+
+
+@dataclass
+class _Run:
+    """One segmenter's propagation in progress: live chains and the accumulators."""
+
+    chains: list[Chain]
+    acc: np.ndarray
+    wsum: np.ndarray
+    total: int
+    done: int = 0
+
+
+def propagate_together(segmenters: list[VolumeSegmenter]) -> list[np.ndarray]:
+    """Several propagations (one predictor, same settings and pair count) stepped in lockstep,
+    with one batched prediction per step for all their chains. A run's chains already step
+    together; the self-check's folds are separate runs of a few chains each, and one at a time
+    each step's forward pass held one or two slices, where a CPU is as fast with several (the
+    folds' model part cost about three times the run's own)."""
+    head = segmenters[0]
+    runs = [seg._begin() for seg in segmenters]
+    t = 0
+    while any(r.chains for r in runs):
+        t += 1
+        for r in runs:
+            r.chains = [c for c in r.chains if c.slice_at(t) != c.end]
+        live = [(seg, r) for seg, r in zip(segmenters, runs) if r.chains]
+        if not live:
+            break
+        inputs = [seg._prepare(r.chains, t) for seg, r in live]
+        if head.settings.carry:
+            _carry(live, inputs, t)
+        q = np.concatenate([x[0] for x in inputs])
+        prior = np.concatenate([x[1] for x in inputs])
+        items = [(seg, c) for seg, r in live for c in r.chains]
+        n = head.predictor.chunk_size(head.grid, head.cache.k + len(items[0][1].memory))
+        probs = np.concatenate([_predict_chunk(head, items[i:i + n], q[i:i + n], prior[i:i + n])
+                                for i in range(0, len(items), n)])
+        bounds = np.cumsum([0] + [len(r.chains) for _, r in live])
+        probs = np.concatenate([seg._anchor(r.chains, probs[a:b], prior[a:b])
+                                for (seg, r), a, b in zip(live, bounds[:-1], bounds[1:])])
+        mem = None
+        if head.settings.memory:
+            mem = head.predictor.encode(q[:, None], (probs[:, None] > head.settings.threshold).astype(np.float32),
+                                        head.task, head.modality)
+        for (seg, r), a, b in zip(live, bounds[:-1], bounds[1:]):
+            seg._finish(r, t, probs[a:b], mem, int(a))
+            seg._advance(r, t)
+    return [VolumeSegmenter._end(r) for r in runs]
+
+
+def _carry(live: list[tuple[VolumeSegmenter, _Run]], inputs: list[tuple], t: int) -> None:
+    """Each chain's previous prediction, carried onto this slice, becomes its prior; between
+    labelled slices it is averaged with the fill-between prior. In place on the priors. All
+    runs' carries are one mosaic registration (classical.carry_all), which pays ITK's fixed cost
+    per iteration once: one mosaic per fold and step took most of the self-check's model part."""
+    plans = [seg._carry_jobs(r.chains, priors, t, q, prior) for (seg, r), (q, prior, priors) in zip(live, inputs)]
+    carried = iter(classical.carry_all([job for _, jobs in plans for job in jobs]))
+    for (seg, r), (_, prior, priors), (idx, _) in zip(live, inputs, plans):
+        for i in idx:
+            moved = next(carried)
+            prior[i] = moved if priors[i] is r.chains[i].prev else 0.5 * (prior[i] + moved)
+
+
+def _predict_chunk(head: VolumeSegmenter, items: list[tuple[VolumeSegmenter, Chain]], q: np.ndarray,
+                   prior: np.ndarray) -> np.ndarray:
+    """One memory-sized group of chains: their context (prompt + memory) is gathered here,
+    per group, so the copy never spans all chains at once (memory flat in the chain count)."""
+    groups: dict[int, tuple[VolumeSegmenter, list[int]]] = {}
+    for seg, c in items:
+        groups.setdefault(id(seg), (seg, []))[1].append(c.label)
+    parts = [_runs(seg.cache, labels) for seg, labels in groups.values()]
+    cache = parts[0] if len(parts) == 1 else stack_caches(parts)
+    if items[0][1].memory:
+        cache = cache.cat(stack_caches([_cat_pairs(c.memory) for _, c in items]))
+    on = head.settings.prior
+    return head.predictor.predict(q, cache, "seg", prior if on else None, np.ones_like(prior) if on else None)
 
 
 def _region(chain: Chain, known: dict[int, np.ndarray], value: int) -> str:

@@ -192,8 +192,8 @@ class SegmentContext:
     slices: np.ndarray  # input units
     examples: list[Example]
     labels: list[int]
-    # (stack, examples, hidden slice of the stack) -> probabilities [L, n, H, W]
-    model_fold: Callable[[np.ndarray, list[Example], int], np.ndarray]
+    # every fold's (stack, examples, hidden slice of the stack) -> its probabilities [L, n, H, W]
+    model_folds: Callable[[list[tuple[np.ndarray, list[Example], int]]], list[np.ndarray]]
     reg_norm: Callable[[np.ndarray], np.ndarray]  # normalisation for registration (clipped)
     spacing: tuple[float, float]
     threshold: float = 0.5
@@ -225,10 +225,10 @@ Record = tuple[int, str, str, np.ndarray, int]  # label, region, method, [tp, |P
 def check_segmentation(ctx: SegmentContext, progress: Progress) -> list[Record]:
     """Leave-one-out over the labelled slices: one record per label, method and hidden slice.
 
-    The folds run side by side, one per core: each is a short propagation and a registration
-    chain whose single-slice steps leave cores idle (Python between small convolutions and
-    demons calls); bench rows, 2 cores, same answers: CT liver k = 3 self-check 4.6 -> 3.0 s,
-    brain stem k = 3 6.3 -> 4.6 s."""
+    The model's folds step together in one batched propagation (segment.propagate_together),
+    beside the classical candidates' folds, which run one per remaining core: each fold alone is a
+    short propagation whose single-slice steps left cores idle, and a registration chain (bench
+    rows, 2 cores, same records: CT liver k = 3 self-check 4.6 -> 3.0 s with the folds side by side)."""
     import torch
 
     own = {e.slice_index: e for e in ctx.examples if e.slice_index is not None}
@@ -242,19 +242,33 @@ def check_segmentation(ctx: SegmentContext, progress: Progress) -> list[Record]:
         regions = {v: _region(h, has[v]) for v in ctx.labels}
         if any(regions.values()):
             jobs.append((h, lo, hi, regions))
+    if not jobs:
+        return []
 
-    def fold(job: tuple[int, int, int, dict]) -> dict[int, dict[str, np.ndarray]]:
+    def classical_fold(job: tuple[int, int, int, dict]) -> dict[int, dict[str, np.ndarray]]:
         h, lo, hi, regions = job
         return _fold_predictions(ctx, own, h, lo, hi, [v for v in ctx.labels if regions[v]])
     records = []
-    with ThreadPoolExecutor(max(1, min(len(jobs), torch.get_num_threads()))) as pool:
-        for i, ((h, _, _, regions), preds) in enumerate(zip(jobs, pool.map(fold, jobs))):
+    with ThreadPoolExecutor(max(1, min(len(jobs) + 1, torch.get_num_threads()))) as pool:
+        model = pool.submit(ctx.model_folds, [_fold_input(ctx, h, lo, hi) for h, lo, hi, _ in jobs])
+        for i, ((h, lo, _, regions), preds) in enumerate(zip(jobs, pool.map(classical_fold, jobs))):
+            probs = model.result()[i]
             for v, methods_ in preds.items():
                 truth = own[h].target == v
+                methods_ = {"model": probs[ctx.labels.index(v), h - lo] >= ctx.threshold, **methods_}
                 for m, pred in methods_.items():
                     records.append((v, regions[v], m, _counts(pred, truth), h))
             progress((i + 1) / len(jobs), f"self-check: hid labelled slice {h} ({i + 1}/{len(jobs)})")
     return records
+
+
+def _fold_input(ctx: SegmentContext, h: int, lo: int, hi: int) -> tuple[np.ndarray, list[Example], int]:
+    """The model's fold hiding slice h: the stack lo..hi, the examples without h (those outside
+    the stack join the context as other images' pairs would), and h's place in the stack."""
+    fold_examples = [replace(e, slice_index=None if e.slice_index is None or e.slice_index == h
+                             or not lo <= e.slice_index <= hi else e.slice_index - lo)
+                     for e in ctx.examples if e.slice_index != h]
+    return ctx.slices[lo:hi + 1], fold_examples, h - lo
 
 
 def _region(h: int, with_label: list[int]) -> str | None:
@@ -266,20 +280,15 @@ def _region(h: int, with_label: list[int]) -> str | None:
 
 def _fold_predictions(ctx: SegmentContext, own: dict[int, Example], h: int, lo: int, hi: int,
                       labels: list[int]) -> dict[int, dict[str, np.ndarray]]:
-    """Every candidate's prediction of slice h from the labelled slices lo..hi other than h."""
+    """Every classical candidate's prediction of slice h from the labelled slices lo..hi other than h."""
     stack = ctx.slices[lo:hi + 1]
     inside = [s for s in own if lo <= s <= hi and s != h]
-    fold_examples = [replace(e, slice_index=None if e.slice_index is None or e.slice_index == h
-                             or not lo <= e.slice_index <= hi else e.slice_index - lo)
-                     for e in ctx.examples if e.slice_index != h]
-    probs = ctx.model_fold(stack, fold_examples, h - lo)
     out = {}
     normed = None
     for v in labels:
-        li = ctx.labels.index(v)
         known = {s - lo: own[s].target == v for s in inside}
         with_v = {s: m for s, m in known.items() if m.any()}
-        preds = {"model": probs[li, h - lo] >= ctx.threshold}
+        preds = {}
         if with_v:
             normed = ctx.reg_norm(stack) if normed is None else normed
             # the run's registration window (all of the label's slices), so the run reuses the
@@ -538,7 +547,7 @@ def run_segmentation(model, device, image, examples: list[Example], options, mod
     from medgen.core.intensity import fit_normalizer
     from medgen.core.volume import slice_view
     from medgen.infer.predictor import Predictor
-    from medgen.infer.segment import VolumeSegmenter, label_dtype
+    from medgen.infer.segment import VolumeSegmenter, label_dtype, propagate_together
     from medgen.prompts import example_labels
 
     method, axis = options.method, options.axis
@@ -572,15 +581,14 @@ def run_segmentation(model, device, image, examples: list[Example], options, mod
         dense = {v: "distance" for v in labels
                  if sum(bool(np.any(t == v)) for t in own.values()) >= interpolate.DENSE}
 
-        def model_fold(stack: np.ndarray, fold_examples: list[Example], hidden: int) -> np.ndarray:
-            seg = VolumeSegmenter(predictor, stack, spacing=spacing, norm=norm, examples=fold_examples,
-                                  labels=labels, task=task_index("segment"),
-                                  modality=modality_index(options.modality), in_volume=True,
-                                  settings=settings, progress=lambda f, m: None,
-                                  thickness=image.slice_thickness(axis), fill_backends=dense,
-                                  stop_at=hidden)
-            return seg.propagate()
-        ctx = SegmentContext(slices, examples, labels, model_fold, reg_norm, spacing,
+        def model_folds(folds: list[tuple[np.ndarray, list[Example], int]]) -> list[np.ndarray]:
+            return propagate_together([
+                VolumeSegmenter(predictor, stack, spacing=spacing, norm=norm, examples=fold_examples,
+                                labels=labels, task=task_index("segment"), modality=modality_index(options.modality),
+                                in_volume=True, settings=settings, progress=lambda f, m: None,
+                                thickness=image.slice_thickness(axis), fill_backends=dense, stop_at=hidden)
+                for stack, fold_examples, hidden in folds])
+        ctx = SegmentContext(slices, examples, labels, model_folds, reg_norm, spacing,
                              options.segment.threshold, cancel or (lambda: False), fields)
         estimates = choose_segmentation(check_segmentation(ctx, _part(progress, 0.0, 0.5)), labels, own)
     else:
