@@ -140,6 +140,20 @@ def test_a_tie_within_the_margin_goes_to_the_model() -> None:
     assert est.chosen == "registration"
 
 
+def test_two_labelled_slices_choose_between_the_carrying_methods() -> None:
+    """k = 2: each fold carries one labelled slice across the whole gap to the other, where nearest
+    copy only measures how alike the two slices are: the choice is the model or registration, even
+    when nearest scores higher; with an interior fold nearest competes again."""
+    own = {s: np.ones((2, 2), np.uint8) for s in (10, 20)}
+    scores = {("beyond", "model", 10): 0.3, ("beyond", "registration", 10): 0.6, ("beyond", "nearest", 10): 0.8,
+              ("beyond", "model", 20): 0.3, ("beyond", "registration", 20): 0.6, ("beyond", "nearest", 20): 0.8}
+    (est,) = selfcheck.choose_segmentation(_records(scores), [1], own)
+    assert est.chosen == "registration" and est.candidates["nearest"] == 0.8 and "model or registration" in est.note
+    scores.update({("between", m, 15): d for (r, m, h), d in list(scores.items()) if h == 10})
+    (est,) = selfcheck.choose_segmentation(_records(scores), [1], {**own, 15: own[10]})
+    assert est.chosen == "nearest"
+
+
 def test_folds_hide_both_ends_and_spread_inside() -> None:
     assert selfcheck.fold_slices([3, 9]) == [3, 9]
     folds = selfcheck.fold_slices(list(range(0, 40, 2)))
