@@ -355,8 +355,9 @@ def test_stop_at_gives_the_same_answer_there_for_fewer_steps(model, lesion) -> N
     whole = _counted_segment(model, lesion, [16, 24], predicted, None)
     wanted = _counted_segment(model, lesion, [16, 24], predicted, 21, stop_at=21)
     # not bit-equal: the chains share a batch and a registration mosaic with different company
-    np.testing.assert_allclose(wanted[21], whole[21], atol=1e-3)  # measured 2e-5
-    assert wanted[21].max() > 0.5 and predicted[21] < predicted[None] / 2, predicted
+    assert wanted.shape == (1,) + whole.shape[1:]  # the one slice wanted is all that is kept
+    np.testing.assert_allclose(wanted[0], whole[21], atol=1e-3)  # measured 2e-5
+    assert wanted[0].max() > 0.5 and predicted[21] < predicted[None] / 2, predicted
 
 
 @pytest.mark.model
@@ -402,5 +403,5 @@ def test_propagations_stepped_together_match_each_alone(model, lesion) -> None:
     together = segment.propagate_together([fold(*f) for f in folds])
     for (given, lo, hi, hidden), joint in zip(folds, together):
         alone = fold(given, lo, hi, hidden).propagate()
-        assert alone[0, hidden - lo].max() > 0.5
-        np.testing.assert_allclose(joint[0, hidden - lo], alone[0, hidden - lo], atol=2e-3)
+        assert alone[0, 0].max() > 0.5
+        np.testing.assert_allclose(joint[0, 0], alone[0, 0], atol=2e-3)

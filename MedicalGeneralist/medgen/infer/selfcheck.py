@@ -201,7 +201,7 @@ class SegmentContext:
     slices: np.ndarray  # input units
     examples: list[Example]
     labels: list[int]
-    # every fold's (stack, examples, hidden slice of the stack) -> its probabilities [L, n, H, W]
+    # every fold's (stack, examples, hidden slice of the stack) -> its probabilities there [L, 1, H, W]
     model_folds: Callable[[list[tuple[np.ndarray, list[Example], int]]], list[np.ndarray]]
     reg_norm: Callable[[np.ndarray], np.ndarray]  # normalisation for registration (clipped)
     spacing: tuple[float, float]
@@ -264,7 +264,7 @@ def check_segmentation(ctx: SegmentContext, progress: Progress) -> list[Record]:
             probs = model.result()[i]
             for v, methods_ in preds.items():
                 truth = own[h].target == v
-                methods_ = {"model": probs[ctx.labels.index(v), h - lo] >= ctx.threshold, **methods_}
+                methods_ = {"model": probs[ctx.labels.index(v), 0] >= ctx.threshold, **methods_}
                 for m, pred in methods_.items():
                     records.append((v, regions[v], m, _counts(pred, truth), h))
             progress((i + 1) / len(jobs), f"self-check: hid labelled slice {h} ({i + 1}/{len(jobs)})")
