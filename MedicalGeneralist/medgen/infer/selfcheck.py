@@ -78,7 +78,10 @@ MAX_FOLDS = 5
 # registration's displacement field is estimated on at most this many pixels a side (a whole-factor
 # shrink of the window, applied at full resolution): the bench's propagation windows are all
 # smaller (<= 204 pixels, unchanged); on its 300 x 512^2 user run (a whole-slice window) auto took
-# 522 s against 43 s for the model, 176 s once capped (docs/BENCHMARKS.md, "As users run it")
+# 522 s against 43 s for the model, 176 s once capped (docs/BENCHMARKS.md, "As users run it").
+# 128 was tried (2026-12-03): the 200 x 256^2 user run took 16.9 s instead of 28.4 s (model alone
+# 11.8 s), but brain windows of 130-200 pixels around thin structures lost Dice (auto, bench: caudate
+# k = 5 0.830 -> 0.818, lateral ventricle k = 3 0.864 -> 0.845), so 256 stays
 REG_MAX_SIDE = 256
 # demons iterations of the self-check's registration (the bench's baseline keeps 40): on the bench's
 # propagation rows, plain registration from the same labelled slices at 20 moved organs' Dice by at
