@@ -271,3 +271,15 @@ def test_denoising_slab_timing_extrapolates_the_per_slice_share_only() -> None:
     assert not whole["extrapolated"] and cut["extrapolated"] and cut["slices_timed"] == 2
     assert set(whole) <= set(cut) and cut["seconds_per_slice"] >= 0
     assert cut["seconds"] >= cut["seconds_per_slice"] * 10  # the ten untimed slices are counted
+
+
+def test_one_slice_rule_table_counts_only_clear_wins() -> None:
+    """The k = 1 rule's table: means per method, and rows won by more than 0.01 (closer is a tie)."""
+    from medgen_dev.bench.k1 import table
+
+    rows = [{"structure": "a", "model": 0.80, "registration": 0.70},
+            {"structure": "b", "model": 0.60, "registration": 0.605},
+            {"structure": "c", "model": 0.50, "registration": 0.90}]
+    lines = table(rows).splitlines()
+    assert lines[2] == "| model | 0.633 | 1 of 3 |"
+    assert lines[3] == "| registration | 0.735 | 1 of 3 |"
