@@ -79,6 +79,10 @@ def test_quick_bench_writes_a_finite_report(tmp_path: Path, shared_data: Path) -
         assert f"bench/{png}.png" in report
     seen = {r["seen"] for r in results["propagation"]["rows"]}
     assert "no" in seen  # the quick subset keeps held-out material
+    # k = 1: the rule's competitor (registration stopped as auto stops it) is scored on the same rows
+    one = [r for r in results["propagation"]["rows"] if r["k"] == 1 and "methods" in r]
+    assert one and all(0 <= r["one_slice_registration"] <= 1 for r in one)
+    assert "| seen | n | model | registration as auto runs it |" in report
     # in-context use: every ambiguity case scored against its own and the other targets
     ic = results["in_context"]
     assert len(ic["rows"]) >= 3 and "## Does the model read its examples?" in report

@@ -451,6 +451,25 @@ def _propagation_section(p: dict, images: dict) -> list[str]:
     return lines + [""] + self_check_section(p["rows"])
 
 
+def one_slice_rule(rows: list[dict]) -> list[str]:
+    """k = 1: the model (the rule) against registration as auto would run it, on the same rows."""
+    one = [r for r in rows if r["k"] == 1 and "one_slice_registration" in r]
+    if not one:
+        return []
+    lines = ["", "With one labelled slice nothing can be held out and the rule (`selfcheck.K1_RULE`) runs the model. "
+             "Its competitor there is registration as auto would run it, its open ends stopped as the model's are, "
+             "not the plain baseline above, which runs to the volume's edges (on structures the bench does not "
+             "score: `python -m medgen_dev.bench.k1`):", "",
+             "| seen | n | model | registration as auto runs it | rows model ahead by > 0.01 | "
+             "rows registration ahead by > 0.01 |", "|---|---|---|---|---|---|"]
+    for seen in dict.fromkeys(r["seen"] for r in one):
+        model = np.array([r["methods"]["ours"]["dice"] for r in one if r["seen"] == seen])
+        reg = np.array([r["one_slice_registration"] for r in one if r["seen"] == seen])
+        lines.append(f"| {seen} | {len(model)} | {model.mean():.3f} | {reg.mean():.3f} | "
+                     f"{int(np.sum(model > reg + 0.01))} | {int(np.sum(reg > model + 0.01))} |")
+    return lines
+
+
 def self_check_section(rows: list[dict]) -> list[str]:
     """Auto against every single method, the estimate's calibration and the self-check's cost."""
     rows = [r for r in rows if "methods" in r and "auto" in r]
@@ -474,6 +493,7 @@ def self_check_section(rows: list[dict]) -> list[str]:
         gap = worst["methods"]["auto"]["dice"] - max(worst["methods"][m]["dice"] for m in singles)
         lines.append(f"| {seen} | {k} | {len(group)} | {mean['auto']:.3f} | {mean[best]:.3f} ({best}) | "
                      f"{mean['auto'] - mean[best]:+.3f} | {gap:+.3f} ({worst['structure']}) |")
+    lines += one_slice_rule(rows)
     lines += ["", "Per row: the method auto chose, its estimated Dice (the chosen method's leave-one-out Dice "
               "mapped by `selfcheck.expected_dice`, fitted on other structures: `medgen_dev.bench.calibrate`), "
               "and the Dice it got (k = 1 has nothing to hold out: no estimate, the bench's k = 1 rule picks "

@@ -189,6 +189,10 @@ def _propagate_one(model, s: Structure, image: Volume, label: Volume, axis: int,
     row = {"structure": s.name, "k": len(given), "given": given, "seen": s.seen, "modality": s.modality,
            "labels_by": s.labels_by, "shape": list(image.shape), "axis": axis, "scored_slices": len(rest),
            "slices_between": len(between), "seconds_ours": seconds, "methods": methods, "auto": check}
+    if len(given) == 1:  # the k = 1 rule's competitor: registration stopped as auto stops it
+        forced = run(model, image, examples, RunOptions("segment", axis, s.modality, device, method="registration"))
+        row["one_slice_registration"] = seg_scores((np.moveaxis(forced.array, axis, 0) > 0)[rest], truth[rest],
+                                                   with_hd95=False)["dice"]
     return row, _showcase(slices, truth, preds, rest)
 
 
