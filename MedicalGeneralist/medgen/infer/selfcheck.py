@@ -46,9 +46,9 @@ runs it is another method: its open ends stop by the model's reach and the tissu
 instead of running to the volume's edges. At k = 1 it was a little ahead on the bench's 18 rows
 (mean Dice 0.727 against the model's 0.710; 10 rows won by more than 0.01, 5 lost) and level on
 the 22 structures of Resources/Bench/calibration.json, which the bench does not score (0.491
-against 0.487; 5 won, 11 lost; `python -m medgen_dev.bench.k1 [--config FILE]`, 2026-12-03). As for
-k >= 2, another method replaces the model only when it is ahead by more than MODEL_MARGIN on
-structures chosen apart from the bench, so the rule stays the model. For image tasks the
+against 0.487; 5 won, 11 lost; `python -m medgen_dev.bench.k1 [--config FILE]`, 2026-12-03). As at
+k >= 2 (MODEL_MARGIN), another method replaces the model only when it is clearly ahead, and on the
+structures chosen apart from the bench it was not, so the rule stays the model. For image tasks the
 bench's classical winners are the rule (NL-means for denoising, the linear map for synthesis,
 biharmonic for inpainting: each was level with or above the model on every held-out case).
 
