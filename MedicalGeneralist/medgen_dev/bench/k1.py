@@ -17,6 +17,7 @@ import sys
 import numpy as np
 
 from medgen.infer.pipeline import RunOptions, run
+from medgen.metrics import dice
 from medgen.prompts import pairs_from_volumes
 from medgen_dev.bench.calibrate import CONFIG
 from medgen_dev.bench.data import load_config, load_structure, spread_slices
@@ -36,8 +37,7 @@ def one_slice_dice(model, cfg, device: str) -> list[dict]:
         row = {"structure": s.name}
         for m in METHODS:
             out = run(model, image, examples, RunOptions("segment", axis, s.modality, device, method=m))
-            pred = np.moveaxis(out.array, axis, 0)[rest] > 0
-            row[m] = float(2 * (pred & truth[rest]).sum() / max(pred.sum() + truth[rest].sum(), 1))
+            row[m] = dice(np.moveaxis(out.array, axis, 0)[rest] > 0, truth[rest])
         rows.append(row)
         print(f"{s.name:32s} " + "  ".join(f"{m} {row[m]:.3f}" for m in METHODS), flush=True)
     return rows
