@@ -156,6 +156,28 @@ def test_modality_hiding_follows_its_share(sampler: EpisodeSampler) -> None:
         TrainConfig(blind_modality=1.5)
 
 
+def test_segmentation_episodes_draw_the_contrast_too(shared_data: Path) -> None:
+    """BraTS sub-regions are outlined on FLAIR or T1c as often as on T1: in-volume episodes of a
+    multi-contrast case take their images (examples and query alike) from one contrast drawn per
+    episode. A blank stand-in for one contrast marks the episodes that drew it."""
+    from dataclasses import replace
+
+    from medgen_dev.train.datasets import load_cases
+
+    brats = next(c for c in load_cases(shared_data, busi_limit=0) if c.name == "TCGA-DU-7294")
+    case = replace(brats, contrasts={"flair": brats.contrasts["flair"], "blank": np.zeros_like(brats.image)})
+    only = {"segment3d": 1.0, "pseudo3d": 0, "segment2d": 0, "synthetic": 0, "denoise": 0, "inpaint": 0,
+            "synthesize": 0}
+    no_prior = {"none": 1.0, "neighbour": 0, "partial": 0, "fill": 0, "nearest": 0}  # queries on the structure
+    sampler = EpisodeSampler([case], grid=64, seed=5, weights=only, augment=False, priors=no_prior)
+    blank = []
+    for _ in range(12):
+        e = sampler.sample(2)
+        blank.append(not e.query.any() and not e.ctx_images.any())
+        assert blank[-1] or (e.query.any() and e.ctx_images.any())  # one contrast per episode
+    assert 3 <= sum(blank) <= 9
+
+
 def test_denoising_start_fitted_on_the_examples(shared_data: Path) -> None:
     """The start of `denoise_inputs = "tuned-nlm(+noisy)"` models: NL-means tuned on the example
     pairs (real BraTS T1 slices, Rician noise at 5 %) is closer to the clean tissue than NL-means

@@ -108,8 +108,14 @@ class EpisodeSampler:
         return Episode(images[1:], targets[1:], images[0], targets[0], z, z, SEGMENT_TASK, modality)
 
     def _segment3d(self, k: int) -> Episode:
+        """Co-registered contrasts (BraTS) take turns as the image: users outline tumour
+        sub-regions on FLAIR or T1c as often as on T1, and one label map seen through several
+        contrasts says that the examples, not the contrast, decide what to segment."""
         case = self.vol_seg[int(self.rng.integers(len(self.vol_seg)))]
-        return self._in_volume(case, case.labels, case.name, k)
+        image = case.image
+        if case.contrasts:
+            image = case.contrasts[str(self.rng.choice(sorted(case.contrasts)))]
+        return self._in_volume(case, case.labels, case.name, k, image=image)
 
     def _pseudo3d(self, k: int) -> Episode:
         """A supervoxel as the structure (pseudotasks.py): every volume, labelled or not."""
@@ -117,7 +123,8 @@ class EpisodeSampler:
         regions = self.pseudo.regions(case)
         return self._in_volume(case, regions, "pseudo:" + case.name, k)
 
-    def _in_volume(self, case: Case, labels: np.ndarray, key: str, k: int, tries: int = 5) -> Episode:
+    def _in_volume(self, case: Case, labels: np.ndarray, key: str, k: int, tries: int = 5,
+                   image: np.ndarray | None = None) -> Episode:
         """Examples are other slices of the same volume, as in Slicer; the prior channel holds
         what inference puts there (priors.py): nothing, the neighbour's label, a partial target,
         the fill-between-slices result, or the nearest labelled slice."""
@@ -126,8 +133,8 @@ class EpisodeSampler:
         axis = self._axis(case)
         present = self._slices_with(key, labels, label, axis)
         if present.size < 2:  # a structure on one slice cannot be propagated: draw another
-            return self._in_volume(case, labels, key, k, tries - 1) if tries else self._segment3d(k)
-        img = np.moveaxis(case.image, axis, 0)
+            return self._in_volume(case, labels, key, k, tries - 1, image) if tries else self._segment3d(k)
+        img = np.moveaxis(case.image if image is None else image, axis, 0)
         lab = np.moveaxis(labels, axis, 0) == label
         setup = self.priors.choose(lab, present, k)
         sp = self._spacing2d(case, axis)
