@@ -178,6 +178,28 @@ def test_segmentation_episodes_draw_the_contrast_too(shared_data: Path) -> None:
     assert 3 <= sum(blank) <= 9
 
 
+def test_twin_episodes_show_the_same_images_with_two_targets(shared_data: Path) -> None:
+    """twins3d: two episodes on the same slices of one label map (real aseg and TotalSegmentator
+    labels), identical images after augmentation, different structures as targets, side by side
+    in a batch so that one step sees both; single-label volumes never make twins."""
+    from medgen_dev.train.datasets import load_cases
+
+    cases = [c for c in load_cases(shared_data, busi_limit=0) if c.name in ("voxelmorph", "totalseg_ct", "brain1")]
+    only = {"segment3d": 0, "pseudo3d": 0, "segment2d": 0, "synthetic": 0, "denoise": 0, "inpaint": 0,
+            "synthesize": 0, "twins3d": 1.0}
+    sampler = EpisodeSampler(cases, grid=64, seed=2, weights=only)
+    for _ in range(6):
+        first, second = sampler.group(3)
+        assert np.array_equal(first.query, second.query) and np.array_equal(first.ctx_images, second.ctx_images)
+        assert first.modality == second.modality and not first.prior.any()
+        assert not np.array_equal(first.ctx_targets, second.ctx_targets)
+        assert not np.any(first.ctx_targets & second.ctx_targets)  # two structures of one label map
+    batch = sampler.batch(3, 4)
+    assert len(batch) == 4 and np.array_equal(batch[0].query, batch[1].query)
+    lone = EpisodeSampler([c for c in cases if c.name == "brain1"], grid=64, seed=2, weights=only)
+    assert len(lone.group(3)) == 1  # one lesion label: an ordinary in-volume episode instead
+
+
 def test_denoising_start_fitted_on_the_examples(shared_data: Path) -> None:
     """The start of `denoise_inputs = "tuned-nlm(+noisy)"` models: NL-means tuned on the example
     pairs (real BraTS T1 slices, Rician noise at 5 %) is closer to the clean tissue than NL-means

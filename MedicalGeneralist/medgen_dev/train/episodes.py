@@ -25,7 +25,7 @@ from medgen_dev.train.pseudotasks import Supervoxels
 from medgen_dev.train.synthetic import SyntheticTasks
 
 DEFAULT_TASKS = {"segment3d": 0.3, "pseudo3d": 0.08, "segment2d": 0.1, "synthetic": 0.14,
-                 "denoise": 0.13, "inpaint": 0.12, "synthesize": 0.13}
+                 "denoise": 0.13, "inpaint": 0.12, "synthesize": 0.13, "twins3d": 0.0}
 BLIND_MODALITY = 0.25  # share of real segmentation episodes whose modality index is drawn at random
 SEGMENT_TASK = task_index("segment")
 
@@ -91,15 +91,78 @@ class EpisodeSampler:
 
     # -- tasks ------------------------------------------------------------------------------
     def sample(self, k: int) -> Episode:
+        return self.group(k)[0]
+
+    def batch(self, k: int, n: int) -> list[Episode]:
+        """n episodes; twins (twins3d) stay side by side in the batch, so that one gradient step
+        sees the same images with two targets."""
+        out: list[Episode] = []
+        while len(out) < n:
+            out += self.group(k)
+        return out[:n]
+
+    def group(self, k: int) -> list[Episode]:
+        """One episode, or two twins: every array drawn once, augmented alike."""
         names = [n for n, w in self.weights.items() if w > 0]
         p = np.asarray([self.weights[n] for n in names], dtype=float)
         name = names[int(self.rng.choice(len(names), p=p / p.sum()))]
-        episode = getattr(self, f"_{name}")(k)
-        if self.augment and episode.task == SEGMENT_TASK and self.rng.random() < self.blind_modality:
+        drawn = getattr(self, f"_{name}")(k)
+        episodes = drawn if isinstance(drawn, list) else [drawn]
+        if self.augment and episodes[0].task == SEGMENT_TASK and self.rng.random() < self.blind_modality:
             # the modality alone names the task on real data (ultrasound -> lesion): hide it
             # sometimes so that the examples must carry it
-            episode.modality = int(self.rng.integers(len(MODALITIES)))
-        return augment(episode, self.rng) if self.augment else episode
+            modality = int(self.rng.integers(len(MODALITIES)))
+            for e in episodes:
+                e.modality = modality
+        if not self.augment:
+            return episodes
+        seed = int(self.rng.integers(1 << 31))
+        return [augment(e, np.random.default_rng(seed)) for e in episodes]
+
+    def _twins3d(self, k: int) -> list[Episode] | Episode:
+        """The same example slices and query, cropped alike, with two different structures of
+        one label map as the target (liver / spleen, grey / white matter, tumour sub-regions),
+        no prior: only the example targets tell the twins apart, which a model that recognises
+        the image and answers its usual structure cannot do (the bench's ambiguity test)."""
+        multi = [c for c in self.vol_seg if len(self._values(c)) > 1]
+        if not multi:
+            return self._segment3d(k)
+        case = multi[int(self.rng.integers(len(multi)))]
+        axis = self._axis(case)
+        lab = np.moveaxis(case.labels, axis, 0)
+        values = self._values(case)
+        a = int(self.rng.choice(values))
+        on_a = self._on_slices(case.name, axis, lab, a)
+        shared = [v for v in values if v != a and np.count_nonzero(on_a & self._on_slices(case.name, axis, lab, v)) > 1]
+        if not shared:
+            return self._segment3d(k)
+        b = int(self.rng.choice(shared))
+        both = np.nonzero(on_a & self._on_slices(case.name, axis, lab, b))[0]
+        picks = self.rng.choice(both, size=k + 1, replace=both.size < k + 1)
+        image = case.image if not case.contrasts else case.contrasts[str(self.rng.choice(sorted(case.contrasts)))]
+        img, sp = np.moveaxis(image, axis, 0), self._spacing2d(case, axis)
+        boxes = [self._jitter_box(np.isin(lab[s], (a, b)), sp) for s in picks]
+        images = np.stack([to_grid(img[s], box, self.grid) for s, box in zip(picks, boxes)])
+        z = np.zeros((self.grid, self.grid), np.float32)
+        twins = []
+        for v in (a, b):
+            t = np.stack([to_grid((lab[s] == v).astype(np.float32), box, self.grid) for s, box in zip(picks, boxes)])
+            twins.append(Episode(images[1:], t[1:] > 0.5, images[0], t[0] > 0.5, z, z, SEGMENT_TASK,
+                                 modality_index(case.modality)))
+        return twins
+
+    def _values(self, case: Case) -> list[int]:
+        key = ("values", case.name)
+        if key not in self._presence:
+            self._presence[key] = [int(v) for v in np.unique(case.labels) if v != 0]
+        return self._presence[key]
+
+    def _on_slices(self, name: str, axis: int, lab: np.ndarray, value: int) -> np.ndarray:
+        """Slices (first axis of `lab`, the case's `axis`) that hold `value`, cached."""
+        key = ("twins", name, axis, value)
+        if key not in self._presence:
+            self._presence[key] = (lab == value).any((1, 2))
+        return self._presence[key]
 
     def _synthetic(self, k: int) -> Episode:
         """An invented task (synthetic.py): unaligned examples are the only way to know it."""

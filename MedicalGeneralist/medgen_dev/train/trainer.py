@@ -163,7 +163,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
     model.train()
     while step < cfg.steps and not _out_of_time(cfg, start, world, device):
         k = _shared_k(rng, cfg.k_max, world, device)
-        batch = _to(collate([sampler.sample(k) for _ in range(cfg.batch)]), device)
+        batch = _to(collate(sampler.batch(k, cfg.batch)), device)
         with _autocast(device):
             pred = net(batch["ctx_images"], batch["ctx_targets"], batch["query"], batch["task"],
                        batch["modality"], batch["prior"], batch["prior_valid"])
