@@ -256,9 +256,11 @@ def test_fixed_length_run_continues_the_shipped_model(shared_data: Path, tmp_pat
 
     out = tmp_path / "fixed"
     assert main(["--out", str(out), "--steps", "2", "--batch", "2", "--minutes", "5",
-                 "--data", str(shared_data)]) == 0
+                 "--data", str(shared_data), "--task-weights", '{"twins3d": 0.5}']) == 0
     info = json.loads((out / "run.json").read_text())
-    assert info["device"] == "cpu" and info["steps_done"] == 2
+    assert info["device"] == "cpu" and info["steps_done"] == 2 and info["config"]["task_weights"] == {"twins3d": 0.5}
+    shipped = json.loads((shipped_recipe()[1].parent / "config.json").read_text())
+    assert json.loads((out / "config.json").read_text()) == shipped  # trained on the inputs it is run with
     start = load_file(str(shipped_recipe()[1]))
     after = load_file(str(out / "model.safetensors"))
     assert start.keys() == after.keys()

@@ -245,7 +245,8 @@ def _validation_batches(cases, cfg: TrainConfig, mcfg: ModelConfig) -> list[dict
 
 def _can_draw(sampler: EpisodeSampler, name: str) -> bool:
     need = {"segment3d": sampler.vol_seg, "pseudo3d": sampler.vols, "segment2d": sampler.flat_seg,
-            "synthesize": sampler.multi_contrast, "synthetic": []}  # validation: real held-out cases only
+            "synthesize": sampler.multi_contrast, "synthetic": [],  # validation: real held-out cases only
+            "twins3d": []}  # a training signal: validation stays the episodes other recipes are scored on
     return bool(need.get(name, sampler.images))
 
 
