@@ -132,15 +132,13 @@ class EpisodeSampler:
         lab = np.moveaxis(case.labels, axis, 0)
         values = self._values(case)
         a = int(self.rng.choice(values))
-        on_a = self._on_slices(case.name, axis, lab, a)
-        shared = [v for v in values if v != a and np.count_nonzero(on_a & self._on_slices(case.name, axis, lab, v)) > 1]
+        on = lambda v: self._slices_with(case.name, case.labels, v, axis)
+        shared = {v: both for v in values if v != a and (both := np.intersect1d(on(a), on(v))).size > 1}
         if not shared:
             return self._segment3d(k)
-        b = int(self.rng.choice(shared))
-        both = np.nonzero(on_a & self._on_slices(case.name, axis, lab, b))[0]
-        picks = self.rng.choice(both, size=k + 1, replace=both.size < k + 1)
-        image = case.image if not case.contrasts else case.contrasts[str(self.rng.choice(sorted(case.contrasts)))]
-        img, sp = np.moveaxis(image, axis, 0), self._spacing2d(case, axis)
+        b = int(self.rng.choice(list(shared)))
+        picks = self.rng.choice(shared[b], size=k + 1, replace=shared[b].size < k + 1)
+        img, sp = np.moveaxis(self._any_contrast(case), axis, 0), self._spacing2d(case, axis)
         boxes = [self._jitter_box(np.isin(lab[s], (a, b)), sp) for s in picks]
         images = np.stack([to_grid(img[s], box, self.grid) for s, box in zip(picks, boxes)])
         z = np.zeros((self.grid, self.grid), np.float32)
@@ -152,16 +150,10 @@ class EpisodeSampler:
         return twins
 
     def _values(self, case: Case) -> list[int]:
+        """A case's label values (cached: np.unique over a whole volume is not cheap per draw)."""
         key = ("values", case.name)
         if key not in self._presence:
             self._presence[key] = [int(v) for v in np.unique(case.labels) if v != 0]
-        return self._presence[key]
-
-    def _on_slices(self, name: str, axis: int, lab: np.ndarray, value: int) -> np.ndarray:
-        """Slices (first axis of `lab`, the case's `axis`) that hold `value`, cached."""
-        key = ("twins", name, axis, value)
-        if key not in self._presence:
-            self._presence[key] = (lab == value).any((1, 2))
         return self._presence[key]
 
     def _synthetic(self, k: int) -> Episode:
@@ -175,10 +167,11 @@ class EpisodeSampler:
         sub-regions on FLAIR or T1c as often as on T1, and one label map seen through several
         contrasts says that the examples, not the contrast, decide what to segment."""
         case = self.vol_seg[int(self.rng.integers(len(self.vol_seg)))]
-        image = case.image
-        if case.contrasts:
-            image = case.contrasts[str(self.rng.choice(sorted(case.contrasts)))]
-        return self._in_volume(case, case.labels, case.name, k, image=image)
+        return self._in_volume(case, case.labels, case.name, k, image=self._any_contrast(case))
+
+    def _any_contrast(self, case: Case) -> np.ndarray:
+        """One of a case's co-registered contrasts, drawn (its image when it has none)."""
+        return case.contrasts[str(self.rng.choice(sorted(case.contrasts)))] if case.contrasts else case.image
 
     def _pseudo3d(self, k: int) -> Episode:
         """A supervoxel as the structure (pseudotasks.py): every volume, labelled or not."""
