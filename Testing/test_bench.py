@@ -287,3 +287,12 @@ def test_one_slice_rule_table_counts_only_clear_wins() -> None:
     lines = table(rows).splitlines()
     assert lines[2] == "| model | 0.633 | 1 of 3 |"
     assert lines[3] == "| registration | 0.735 | 1 of 3 |"
+
+
+def test_one_pair_table_names_the_best_method_besides_model_and_auto() -> None:
+    """`k1 --images`: the noisy input is not a method, and model and auto have their own columns."""
+    from medgen_dev.bench.k1 import image_table
+
+    rows = [{"case": "AURORA 10%", "task": "denoise", "ours": 29.31, "auto": 30.02, "noisy input": 31.0,
+             "NL-means (h=0.8 sigma)": 29.34, "TV Chambolle (w=0.1)": 30.02}]
+    assert image_table(rows).splitlines()[2] == "| AURORA 10% | 29.31 | 30.02 | TV Chambolle (w=0.1) 30.02 |"

@@ -487,7 +487,6 @@ def check_image_task(task: str, examples: list[Example], model_fold: Callable, p
     re-tuning per fold would cost k times the tuning (a grid of NL-means and TV runs over every
     pair, which dominated the check), for a one-of-five choice whose leak into the hidden pair's
     score is small. Synthesis maps are cheap and are refitted without the hidden pair."""
-    from medgen.metrics import psnr
 
     scores: dict[str, list[float]] = {m: [] for m in IMAGE_METHODS[task]}
     if task == "denoise":
@@ -499,15 +498,13 @@ def check_image_task(task: str, examples: list[Example], model_fold: Callable, p
         region = holes[0] if holes is not None else _foreground(hidden.image, hidden.target, task)
         if not region.any():
             continue
-        ref = hidden.target.astype(np.float32)
-        rng = float(ref[region].max() - ref[region].min()) or 1.0
         for m in scores:
             if m == "model":
                 pred = model_fold(hidden, rest, holes)
             else:
                 fn = fitted[m][0] if m in fitted else classical_method(task, m, rest)[0]
                 pred = fn(hidden.image[None].astype(np.float32), holes)[0]
-            scores[m].append(min(psnr(pred[region], ref[region], rng), 999.0))
+            scores[m].append(_psnr_on(pred, hidden.target, region))
         progress((i + 1) / len(folds), f"self-check: hid example pair {j + 1} ({i + 1}/{len(folds)})")
     return scores
 
@@ -521,18 +518,22 @@ def fit_scores(task: str, examples: list[Example], fitted: dict[str, tuple[Calla
     2026-12-03: TV 0.07 and 0.68 dB above NL-means on AURORA T1 at 5 and 10 % noise, 0.75 dB below
     it on lung2 CT). The model is not ranked this way: the pair is in its context, and from one
     pair it was 0.03-2.8 dB under NL-means on those rows, so it stays out."""
-    from medgen.metrics import psnr
-
     if task != "denoise" or len(examples) != 1:
         return {}
     e = examples[0]
     region = _foreground(e.image, e.target, task)
     if not region.any():
         return {}
-    ref = e.target.astype(np.float32)
-    rng = float(ref[region].max() - ref[region].min()) or 1.0
-    return {m: _report_value(psnr(fn(e.image[None].astype(np.float32), None)[0][region], ref[region], rng))
+    return {m: _report_value(_psnr_on(fn(e.image[None].astype(np.float32), None)[0], e.target, region))
             for m, (fn, _) in fitted.items()}
+
+
+def _psnr_on(pred: np.ndarray, target: np.ndarray, region: np.ndarray) -> float:
+    """PSNR over `region`, on the target's range there (999 for an exact answer: JSON has no inf)."""
+    from medgen.metrics import psnr
+
+    ref = target.astype(np.float32)
+    return min(psnr(pred[region], ref[region], float(ref[region].max() - ref[region].min()) or 1.0), 999.0)
 
 
 def choose_image_task(task: str, scores: dict[str, list[float]], k: int,
