@@ -278,15 +278,17 @@ def test_denoising_slab_timing_extrapolates_the_per_slice_share_only() -> None:
 
 
 def test_one_slice_rule_table_counts_only_clear_wins() -> None:
-    """The k = 1 rule's table: means per method, and rows won by more than 0.01 (closer is a tie)."""
+    """The k = 1 rule's table: means per method, and rows ahead of / behind the model by more than
+    0.01 (closer is a tie), for every other method (registration, the model at other reaches)."""
     from medgen_dev.bench.k1 import table
 
-    rows = [{"structure": "a", "model": 0.80, "registration": 0.70},
-            {"structure": "b", "model": 0.60, "registration": 0.605},
-            {"structure": "c", "model": 0.50, "registration": 0.90}]
+    rows = [{"structure": "a", "model": 0.80, "registration": 0.70, "model, reach 3 radii": 0.80},
+            {"structure": "b", "model": 0.60, "registration": 0.605, "model, reach 3 radii": 0.70},
+            {"structure": "c", "model": 0.50, "registration": 0.90, "model, reach 3 radii": 0.40}]
     lines = table(rows).splitlines()
-    assert lines[2] == "| model | 0.633 | 1 of 3 |"
-    assert lines[3] == "| registration | 0.735 | 1 of 3 |"
+    assert lines[2] == "| model | 0.633 | – | – |"
+    assert lines[3] == "| registration | 0.735 | 1 of 3 | 1 of 3 |"
+    assert lines[4] == "| model, reach 3 radii | 0.633 | 1 of 3 | 1 of 3 |"
 
 
 def test_one_pair_table_names_the_best_method_besides_model_and_auto() -> None:

@@ -32,7 +32,13 @@ Outside the labelled span a chain stops
   outermost labelled slice, while a chain that misses the end follows the neighbouring tissue to
   the edge of the volume (measured on the training structures, 680 ends, under "a missed end
   leaks half the area until the cap": mean Dice 0.47 uncapped, 0.77 at 1.5 radii with one
-  labelled slice, 0.87 at 1 radius with several);
+  labelled slice, 0.87 at 1 radius with several). Run as users run it from one labelled slice
+  (`python -m medgen_dev.bench.k1 --extents 3,1000 [--config Resources/Bench/shared_data.json]`,
+  2026-12-03): the bench's 18 rows 0.710 at 1.5 radii, 0.688 at 3, 0.666 uncapped (the CT aorta
+  gains 0.18, lesions and the thalamus lose up to 0.29); 22 structures the bench does not score
+  0.487 at 1.5, 0.493 uncapped (7 rows ahead, 6 behind). No cap suits both long and rounded
+  structures, and a continuation past the cap while the model stays as confident as on its first
+  step did not tell them apart either (bench 0.719, the 22 others 0.476), so 1.5 stays;
 - with three or more labelled slices, where a quadratic fitted to their areas closes, if sooner
   (`profile_ends`: an ellipsoid's cross-section area is quadratic along its axis).
 The tissue and profile stops took the bench's seen rows from 0.588 / 0.765 / 0.803 to

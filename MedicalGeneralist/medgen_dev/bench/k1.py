@@ -6,7 +6,11 @@ stops its open ends by the model's reach and the tissue under the mask, which ma
 method. This command runs both, as `medgen run --method model|registration` would, from the slice
 the bench's k = 1 rows label, on a bench configuration's structures, and prints a table.
 
-    python -m medgen_dev.bench.k1 [--config FILE]   (default: Resources/Bench/calibration.json)
+    python -m medgen_dev.bench.k1 [--config FILE] [--extents 3,6]   (default: Resources/Bench/calibration.json)
+
+`--extents` adds the model with its open ends reaching that many equivalent radii instead of
+SegmentSettings.extent's 1.5 (the reach rule that stops a structure past its end, which also stops
+long ones such as the aorta early).
 
 With `--images` it runs a configuration's image tasks (the bench's: Resources/Bench/shared_data.json)
 from one example pair instead: the model, the run as auto gives it (K1_RULE, or for denoising
@@ -22,6 +26,7 @@ from dataclasses import replace
 import numpy as np
 
 from medgen.infer.pipeline import RunOptions, run
+from medgen.infer.segment import SegmentSettings
 from medgen.metrics import dice
 from medgen.prompts import pairs_from_volumes
 from medgen_dev.bench.calibrate import CONFIG
@@ -30,8 +35,12 @@ from medgen_dev.bench.data import load_config, load_structure, spread_slices
 METHODS = ("model", "registration")
 
 
-def one_slice_dice(model, cfg, device: str) -> list[dict]:
+def one_slice_dice(model, cfg, device: str, extents: tuple[float, ...] = ()) -> list[dict]:
     """Per structure: each method's Dice on every slice but the labelled one."""
+    several = SegmentSettings.extent[1]
+    runs = {m: {"method": m} for m in METHODS}
+    runs.update({f"model, reach {e:g} radii": {"method": "model", "segment": SegmentSettings(extent=(e, several))}
+                 for e in extents})
     rows = []
     for s in cfg.structures:
         image, label, axis = load_structure(s)
@@ -40,19 +49,28 @@ def one_slice_dice(model, cfg, device: str) -> list[dict]:
         examples = pairs_from_volumes(image, label, axis, given, "segment", s.modality, own=True)
         rest = np.setdiff1d(np.arange(truth.shape[0]), given)
         row = {"structure": s.name}
-        for m in METHODS:
-            out = run(model, image, examples, RunOptions("segment", axis, s.modality, device, method=m))
-            row[m] = dice(np.moveaxis(out.array, axis, 0)[rest] > 0, truth[rest])
+        for name, how in runs.items():
+            out = run(model, image, examples, RunOptions("segment", axis, s.modality, device, **how))
+            row[name] = dice(np.moveaxis(out.array, axis, 0)[rest] > 0, truth[rest])
         rows.append(row)
-        print(f"{s.name:32s} " + "  ".join(f"{m} {row[m]:.3f}" for m in METHODS), flush=True)
+        print(f"{s.name:32s} " + "  ".join(f"{m} {row[m]:.3f}" for m in runs), flush=True)
     return rows
 
 
 def table(rows: list[dict], margin: float = 0.01) -> str:
-    mean = {m: np.mean([r[m] for r in rows]) for m in METHODS}
-    won = lambda a, b: sum(r[a] > r[b] + margin for r in rows)
-    lines = [f"| {m} | {mean[m]:.3f} | {won(m, o)} of {len(rows)} |" for m, o in zip(METHODS, METHODS[::-1])]
-    return "\n".join(["| method | mean Dice | rows ahead by > 0.01 |", "|---|---|---|"] + lines)
+    """Each method's mean, and the rows where it is ahead of / behind the model (the rule) by more
+    than `margin` (closer is a tie)."""
+    names = [m for m in rows[0] if m != "structure"]
+    count = lambda keep: f"{sum(keep(r) for r in rows)} of {len(rows)}"
+    lines = ["| method | mean Dice | rows ahead of the model by > 0.01 | rows behind it by > 0.01 |", "|---|---|---|---|"]
+    for m in names:
+        mean = np.mean([r[m] for r in rows])
+        if m == "model":
+            lines.append(f"| model | {mean:.3f} | – | – |")
+        else:
+            lines.append(f"| {m} | {mean:.3f} | {count(lambda r: r[m] > r['model'] + margin)} | "
+                         f"{count(lambda r: r[m] < r['model'] - margin)} |")
+    return "\n".join(lines)
 
 
 def one_pair_psnr(model, cfg, device: str) -> list[dict]:
@@ -81,12 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--images", action="store_true", help="image tasks from one example pair")
     ap.add_argument("--model", default=None, help="model id, folder or safetensors file (default: the default)")
+    ap.add_argument("--extents", default="", help="comma-separated reaches (radii) to run the model with besides 1.5")
     args = ap.parse_args(argv)
     model, _ = load_model(args.model, device="cpu")
     if args.images:
         print(image_table(one_pair_psnr(model, load_config(args.config), args.device)))
         return 0
-    print(table(one_slice_dice(model, load_config(args.config or CONFIG), args.device)))
+    extents = tuple(float(e) for e in args.extents.split(",") if e)
+    print(table(one_slice_dice(model, load_config(args.config or CONFIG), args.device, extents)))
     return 0
 
 
