@@ -83,6 +83,7 @@ def test_one_labelled_slice_says_it_cannot_estimate(model, lung) -> None:
     assert est.estimate is None and est.candidates == {} and est.folds == 0
     assert est.chosen == "model" and "nothing to hold out" in est.note
     assert "no estimate from 1 labelled slice" in result.report.lines()[0]
+    assert result.report.lines()[0].endswith("label a second slice of it for an estimate and a choice of method)")
     forced = run(model, image, examples, RunOptions("segment", 0, "ct", "cpu", method="model"))
     np.testing.assert_array_equal(result.volume.array, forced.array)  # the rule's choice, exactly
 
@@ -98,6 +99,7 @@ def test_denoising_with_one_pair_ranks_the_tuned_classical_methods_on_it(model, 
     result = run_with_report(model, query, examples, RunOptions("denoise", 0, "ct", "cpu"))
     (est,) = result.report.estimates
     assert est.estimate is None and est.candidates == {} and "nothing to hold out" in est.note
+    assert "; give a second example pair for an estimate and a choice of method" in est.note
     fit = selfcheck.fit_scores("denoise", examples, {m: selfcheck.classical_method("denoise", m, examples)
                                                      for m in ("nl-means", "tv")})
     assert est.chosen == max(fit, key=fit.get) and f"{est.chosen} {fit[est.chosen]:.2f} dB" in est.note

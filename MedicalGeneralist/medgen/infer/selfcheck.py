@@ -131,6 +131,9 @@ K1_WHY = {"segment": "at k = 1 the model led the bench's baselines, and registra
                      "model on every held-out denoising case (bench)",
           "synthesize": "from one pair the linear map was within 0.04 dB of the model on every held-out case (bench)",
           "inpaint": "from one pair biharmonic was within 0.05 dB of the model on the held-out case (bench)"}
+# what a user with one example can do about it: with two, the folds score the candidates
+K1_HINT = {"segment": "label a second slice of it for an estimate and a choice of method",
+           "image": "give a second example pair for an estimate and a choice of method"}
 Progress = Callable[[float, str], None]
 
 
@@ -383,8 +386,9 @@ def choose_segmentation(records: list[Record], labels: list[int],
         if not mine:
             why = ("one labelled slice: nothing to hold out" if count < 2 else
                    "no labelled slice could be hidden")
+            hint = f"; {K1_HINT['segment']}" if count < 2 else ""
             out.append(Estimate(f"label {v}", "dice", K1_RULE["segment"], None, {}, count, 0,
-                                {"between": "model", "beyond": "model"}, f"{why}; {K1_WHY['segment']}"))
+                                {"between": "model", "beyond": "model"}, f"{why}; {K1_WHY['segment']}{hint}"))
             continue
         pooled = lambda m, region=None: sum((r[3] for r in mine if r[2] == m and region in (None, r[1])),
                                             np.zeros(3))
@@ -540,13 +544,14 @@ def choose_image_task(task: str, scores: dict[str, list[float]], k: int,
                       fit: dict[str, float] | None = None) -> Estimate:
     if not any(scores.values()):
         why = "one example pair: nothing to hold out" if k < 2 else "no example pair could be scored"
+        hint = f"; {K1_HINT['image']}" if k < 2 else ""
         if fit:
             best = max(fit, key=fit.get)
             on_pair = ", ".join(f"{m} {v:.2f} dB" for m, v in fit.items())
             return Estimate(task, "psnr", best, None, {}, k, 0, note=(
                 f"{why}; {best} fitted the example pair best ({on_pair} on the pair it was tuned on: a ranking, "
-                "not an estimate); the model is left out, it trailed NL-means from one pair on the bench"))
-        return Estimate(task, "psnr", K1_RULE[task], None, {}, k, 0, note=f"{why}; {K1_WHY[task]}")
+                f"not an estimate); the model is left out, it trailed NL-means from one pair on the bench{hint}"))
+        return Estimate(task, "psnr", K1_RULE[task], None, {}, k, 0, note=f"{why}; {K1_WHY[task]}{hint}")
     mean = {m: _report_value(float(np.mean(v))) for m, v in scores.items() if v}
     best = max(mean, key=mean.get)
     return Estimate(task, "psnr", best, mean[best], mean, k, len(next(iter(scores.values()))),
