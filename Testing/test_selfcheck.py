@@ -212,7 +212,8 @@ def test_forced_method_and_report_sidecar(lung_files) -> None:
     geometry = (image.slice_spacing(0), image.slice_thickness(0), SegmentSettings().extent)
     expected = selfcheck.cap_open_ends(classical.registration_propagate(
         normed, given, image.slice_spacing(0), reach=max(segment.end_reaches(given, *geometry)),
-        tissue_stop=True, max_side=selfcheck.REG_MAX_SIDE, iterations=selfcheck.REG_ITERATIONS), given, *geometry)
+        tissue_stop=True, max_side=selfcheck.REG_MAX_SIDE, iterations=selfcheck.REG_ITERATIONS,
+        refine=selfcheck.REG_REFINE), given, *geometry)
     np.testing.assert_array_equal(read_volume(out, label=True).array > 0, expected)
     # plain demons (the bench's baseline, as a user would run it) carries the lesion to the
     # volume's edges; the runtime's open ends stop within the reach of the lesion's radius

@@ -55,7 +55,7 @@ def registration_propagate(slices: np.ndarray, given: dict[int, np.ndarray],
                            stop_at: int | None = None, box: tuple[slice, slice] | None = None,
                            fields: FieldCache | None = None, offset: int = 0,
                            reach: int | None = None, tissue_stop: bool = False,
-                           max_side: int | None = None) -> np.ndarray:
+                           max_side: int | None = None, refine: int = 0) -> np.ndarray:
     """Slice-to-slice deformable registration (SimpleITK fast symmetric forces demons) carries each
     labelled slice's mask outward, slice by slice; between two labelled slices both directions run
     and are blended linearly by distance. Open ends stop when the carried mask vanishes.
@@ -79,7 +79,9 @@ def registration_propagate(slices: np.ndarray, given: dict[int, np.ndarray],
     estimated on a grid shrunk by a whole factor until the window's long side fits (and applied at
     full resolution, as `carry` does): on the bench's 300 x 512^2 MR a whole-slice window took
     0.84 s a slice pair at full resolution and 0.22 s at half, for the same Dice over one gap
-    (0.862 / 0.861)."""
+    (0.862 / 0.861). `refine` > 0: a two-level pyramid, the usual way to run demons: `iterations`
+    on a grid twice as coarse again, then `refine` iterations on the window's grid from that field
+    (see `_field`)."""
     n = slices.shape[0]
     box = box or label_box(list(given.values()), slices.shape[1:])
     fields = FieldCache(0) if fields is None else fields
@@ -95,16 +97,17 @@ def registration_propagate(slices: np.ndarray, given: dict[int, np.ndarray],
             continue
         if stop_at is not None and not min(origin, end) < stop_at < max(origin, end):
             continue
-        keys = {s: window + (offset + s, offset + s - step, shrink) for s in range(origin + step, end, step)}
+        keys = {s: window + (offset + s, offset + s - step, shrink, iterations, refine)
+                for s in range(origin + step, end, step)}
         known = _known_steps(origin, step, end, span, stop_at, reach)
         prefetched = _fields_side_by_side([(keys[s], s, s - step) for s in known], crops, spacing, shrink,
-                                          iterations, fields)
+                                          iterations, fields, refine)
         mask = given[origin][box[0], box[1]].astype(np.float32)
         band = tissue_band(crops[origin], mask) if tissue_stop and span is None else None
         for s in range(origin + step, end, step):
             transform = prefetched.get(keys[s])
             if transform is None:
-                transform = _field(demons, crops[s], crops[s - step], spacing, shrink, fields, keys[s])
+                transform = _field(demons, crops[s], crops[s - step], spacing, shrink, fields, keys[s], refine)
             mask = (_carry_mask(transform, crops[s], mask, spacing) >= 0.5).astype(np.float32)
             if band is not None and not in_band(crops[s], mask > 0.5, band):
                 break  # the tissue under the carried mask is no longer the structure's
@@ -234,9 +237,15 @@ def _demons(iterations: int, threads: int | None = None):
 
 
 def _field(demons, fixed: np.ndarray, moving: np.ndarray, spacing: tuple[float, float], shrink: int = 1,
-           fields: FieldCache | None = None, key: tuple | None = None):
+           fields: FieldCache | None = None, key: tuple | None = None, refine: int = 0):
     """The displacement field registering `moving` (the previous slice) onto `fixed`, from the cache
-    when it is there (and kept in it when there is room)."""
+    when it is there (and kept in it when there is room). `refine` > 0: `demons` runs on the pair
+    shrunk twice as far again, and its field, resampled to the pair's grid, starts `refine`
+    iterations there. SimpleITK's demons filters take an initial field but build no pyramid
+    themselves (its multi-resolution framework is for ImageRegistrationMethod's parametric
+    transforms), hence these few lines. In the self-check's folds and run (20 + 5 iterations)
+    on the 22 structures the bench does not score, auto's mean Dice went from 0.745 to 0.756 and
+    the 200 x 256^2 user run's warm engine from 26.7 to 19.0 s."""
     import SimpleITK as sitk
 
     transform = None if fields is None else fields.get(key)
@@ -244,14 +253,20 @@ def _field(demons, fixed: np.ndarray, moving: np.ndarray, spacing: tuple[float, 
         pair = (sitk2d(fixed, spacing), sitk2d(moving, spacing))
         if shrink > 1:  # the field on a coarser grid; the resample in _carry_mask stays at full resolution
             pair = tuple(sitk.BinShrink(image, [shrink] * 2) for image in pair)
-        transform = sitk.DisplacementFieldTransform(sitk.Cast(demons.Execute(*pair), sitk.sitkVectorFloat64))
+        if refine > 0:
+            coarse = demons.Execute(*(sitk.BinShrink(image, [2, 2]) for image in pair))
+            start = sitk.Resample(coarse, pair[0], sitk.Transform(), sitk.sitkLinear, 0.0, coarse.GetPixelID())
+            field = _demons(refine, demons.GetNumberOfThreads()).Execute(*pair, start)
+        else:
+            field = demons.Execute(*pair)
+        transform = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
         if fields is not None:
             fields.keep(key, transform, 16 * fixed.size)
     return transform
 
 
 def _fields_side_by_side(jobs: list[tuple[tuple, int, int]], crops: np.ndarray, spacing: tuple[float, float],
-                         shrink: int, iterations: int, fields: FieldCache) -> dict:
+                         shrink: int, iterations: int, fields: FieldCache, refine: int = 0) -> dict:
     """The fields of a chain's slice pairs (key, fixed index, moving index), computed side by side,
     one single-threaded demons per core. A field depends on its two images only, so a chain's
     fields need not wait for the mask it carries. ITK's own threads did not pay on these windows
@@ -268,7 +283,7 @@ def _fields_side_by_side(jobs: list[tuple[tuple, int, int]], crops: np.ndarray, 
 
     def one(job: tuple[tuple, int, int]):
         key, s, m = job
-        return key, _field(_demons(iterations, threads=1), crops[s], crops[m], spacing, shrink)
+        return key, _field(_demons(iterations, threads=1), crops[s], crops[m], spacing, shrink, refine=refine)
     with ThreadPoolExecutor(workers) as pool:
         out = dict(pool.map(one, todo))
     for key, transform in out.items():
