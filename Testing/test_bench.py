@@ -298,3 +298,26 @@ def test_one_pair_table_names_the_best_method_besides_model_and_auto() -> None:
     rows = [{"case": "AURORA 10%", "task": "denoise", "ours": 29.31, "auto": 30.02, "noisy input": 31.0,
              "NL-means (h=0.8 sigma)": 29.34, "TV Chambolle (w=0.1)": 30.02}]
     assert image_table(rows).splitlines()[2] == "| AURORA 10% | 29.31 | 30.02 | TV Chambolle (w=0.1) 30.02 |"
+
+
+def test_margin_sweep_assembles_what_auto_would_give() -> None:
+    """`bench.margin`: a method whose fold Dice beats the model's by 0.015 replaces it at margin 0.01
+    (its whole-volume output, the labelled slices kept as given) and not at 0.02; the table's means."""
+    from medgen_dev.bench.margin import auto_at, table
+
+    own = {2: np.ones((4, 4), np.uint8), 6: np.ones((4, 4), np.uint8)}
+    records = [(1, "beyond", m, np.array([100 * d, 100.0, 100.0]), h)
+               for h in (2, 6) for m, d in {"model": 0.80, "registration": 0.815, "nearest": 0.5}.items()]
+    outputs = {m: np.zeros((9, 4, 4), bool) for m in ("model", "fill", "registration", "nearest")}
+    outputs["registration"][:, :2] = True
+    outputs["model"][:, 2:] = True
+    out, chosen = auto_at(records, own, outputs, 0.01)
+    assert chosen == "registration" and out[4, :2].all() and not out[4, 2:].any() and out[2].all()
+    out, chosen = auto_at(records, own, outputs, 0.02)
+    assert chosen == "model" and out[4, 2:].all() and not out[4, :2].any() and out[6].all()
+    rows = [{"structure": "a", "k": 2, 0.01: (0.9, "registration"), 0.02: (0.8, "model")},
+            {"structure": "b", "k": 3, 0.01: (0.5, "model"), 0.02: (0.7, "model")}]
+    lines = table(rows, (0.01, 0.02)).splitlines()
+    assert lines[0] == "| margin | mean Dice | k = 2 | k = 3 |"
+    assert lines[2] == "| 0.01 | 0.7000 | 0.9000 | 0.5000 |"
+    assert lines[3] == "| 0.02 (shipped) | 0.7500 | 0.8000 | 0.7000 |"

@@ -147,6 +147,8 @@ def test_a_tie_within_the_margin_goes_to_the_model() -> None:
     clear = {**close, ("beyond", "registration", 10): 0.890 + 2 * selfcheck.MODEL_MARGIN}
     (est,) = selfcheck.choose_segmentation(_records(clear), [1], own)
     assert est.chosen == "registration"
+    (est,) = selfcheck.choose_segmentation(_records(close), [1], own, margin=0.0)  # the margin sweep's
+    assert est.chosen == "registration"
 
 
 def test_two_labelled_slices_choose_between_the_carrying_methods() -> None:
