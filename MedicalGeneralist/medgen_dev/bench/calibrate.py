@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,27 +29,33 @@ from medgen_dev.bench.runner import _auto
 CONFIG = Path(__file__).resolve().parents[3] / "Resources" / "Bench" / "calibration.json"
 
 
-def collect(model, cfg, device: str) -> list[dict]:
-    """One record per structure and k: auto's leave-one-out estimate and the Dice it got."""
-    records = []
+def runs(cfg) -> Iterator[tuple]:
+    """(structure, image, numpy axis, truth slices-first, labelled slices, examples) per structure
+    and k of the configuration, where the structure spans at least k + 2 slices."""
     for s in cfg.structures:
         image, label, axis = load_structure(s)
         truth = np.moveaxis(label.array, axis, 0) > 0
         present = np.nonzero(truth.any((1, 2)))[0]
         for k in cfg.propagation_k:
-            if k + 2 > len(present):
-                continue
-            given = spread_slices(present, k, np.random.default_rng([cfg.seed, k]))
-            examples = pairs_from_volumes(image, label, axis, given, "segment", s.modality, own=True)
-            auto, check = _auto(model, image, examples, RunOptions("segment", axis, s.modality, device))
-            rest = np.setdiff1d(np.arange(truth.shape[0]), given)
-            pred = np.moveaxis(auto, axis, 0)[rest] > 0
-            actual = float(2 * (pred & truth[rest]).sum() / max(pred.sum() + truth[rest].sum(), 1))
-            records.append({"structure": s.name, "k": len(given), "given": given, "chosen": check["chosen"],
-                            "loo": check["loo"], "actual": actual})
-            print(f"{s.name:32s} k={len(given)} {check['chosen']:38s} loo "
-                  f"{'  -  ' if check['loo'] is None else format(check['loo'], '.3f')} actual {actual:.3f}",
-                  flush=True)
+            if k + 2 <= len(present):
+                given = spread_slices(present, k, np.random.default_rng([cfg.seed, k]))
+                yield s, image, axis, truth, given, pairs_from_volumes(image, label, axis, given, "segment",
+                                                                       s.modality, own=True)
+
+
+def collect(model, cfg, device: str) -> list[dict]:
+    """One record per structure and k: auto's leave-one-out estimate and the Dice it got."""
+    records = []
+    for s, image, axis, truth, given, examples in runs(cfg):
+        auto, check = _auto(model, image, examples, RunOptions("segment", axis, s.modality, device))
+        rest = np.setdiff1d(np.arange(truth.shape[0]), given)
+        pred = np.moveaxis(auto, axis, 0)[rest] > 0
+        actual = float(2 * (pred & truth[rest]).sum() / max(pred.sum() + truth[rest].sum(), 1))
+        records.append({"structure": s.name, "k": len(given), "given": given, "chosen": check["chosen"],
+                        "loo": check["loo"], "actual": actual})
+        print(f"{s.name:32s} k={len(given)} {check['chosen']:38s} loo "
+              f"{'  -  ' if check['loo'] is None else format(check['loo'], '.3f')} actual {actual:.3f}",
+              flush=True)
     return records
 
 

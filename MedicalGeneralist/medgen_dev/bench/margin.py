@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
 import numpy as np
 
 from medgen.infer import classical, selfcheck
 from medgen.infer.pipeline import RunOptions, run
 from medgen.metrics import dice
-from medgen.prompts import pairs_from_volumes
-from medgen_dev.bench.calibrate import CONFIG
-from medgen_dev.bench.data import load_config, load_structure, spread_slices
+from medgen_dev.bench.calibrate import CONFIG, runs
+from medgen_dev.bench.data import load_config
 
 MARGINS = (0.0, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05)
 
@@ -36,36 +36,35 @@ def auto_at(records: list, own: dict[int, np.ndarray], outputs: dict[str, np.nda
 
 
 def sweep(model, cfg, device: str, margins: tuple[float, ...]) -> list[dict]:
-    """Per structure and k: auto's Dice (and choice) at every margin."""
+    """Per structure and k >= 2: auto's Dice (and choice) at every margin."""
+    rows = []
+    for s, image, axis, truth, given, examples in runs(cfg):
+        if len(given) < 2:
+            continue
+        outputs, records = _methods(model, image, examples, RunOptions("segment", axis, s.modality, device))
+        own = {g: truth[g].astype(np.uint8) for g in given}
+        rest = np.setdiff1d(np.arange(truth.shape[0]), given)
+        row = {"structure": s.name, "k": len(given)}
+        for m in margins:
+            out, chosen = auto_at(records, own, outputs, m)
+            row[m] = (dice(out[rest], truth[rest]), chosen)
+        rows.append(row)
+        print(f"{s.name:32s} k={len(given)} " + "  ".join(f"{m:g}: {row[m][0]:.3f} {row[m][1]}" for m in margins[::2]),
+              flush=True)
+    return rows
+
+
+def _methods(model, image, examples, options) -> tuple[dict[str, np.ndarray], list]:
+    """Every segmentation method's whole-volume output (slices-first) and the self-check's fold records."""
     from medgen.core.device import resolve_device
     from medgen.core.intensity import fit_normalizer
 
-    rows = []
-    for s in cfg.structures:
-        image, label, axis = load_structure(s)
-        truth = np.moveaxis(label.array, axis, 0) > 0
-        present = np.nonzero(truth.any((1, 2)))[0]
-        for k in cfg.propagation_k:
-            if k < 2 or k + 2 > len(present):
-                continue
-            given = spread_slices(present, k, np.random.default_rng([cfg.seed, k]))
-            examples = pairs_from_volumes(image, label, axis, given, "segment", s.modality, own=True)
-            options = RunOptions("segment", axis, s.modality, device)
-            ctx = selfcheck.fold_context(model, resolve_device(device), image, examples, options,
-                                         fit_normalizer(image.array, s.modality, clip=True), classical.FieldCache())
-            records = selfcheck.check_segmentation(ctx, lambda f, m: None)
-            outputs = {m: np.moveaxis(run(model, image, examples, RunOptions(
-                "segment", axis, s.modality, device, method=m)).array, axis, 0) > 0 for m in selfcheck.SEGMENT_METHODS}
-            own = {g: truth[g].astype(np.uint8) for g in given}
-            rest = np.setdiff1d(np.arange(truth.shape[0]), given)
-            row = {"structure": s.name, "k": k}
-            for m in margins:
-                out, chosen = auto_at(records, own, outputs, m)
-                row[m] = (dice(out[rest], truth[rest]), chosen)
-            rows.append(row)
-            print(f"{s.name:32s} k={k} " + "  ".join(f"{m:g}: {row[m][0]:.3f} {row[m][1]}" for m in margins[::2]),
-                  flush=True)
-    return rows
+    ctx = selfcheck.fold_context(model, resolve_device(options.device), image, examples, options,
+                                 fit_normalizer(image.array, options.modality, clip=True), classical.FieldCache())
+    records = selfcheck.check_segmentation(ctx, lambda f, m: None)
+    outputs = {m: np.moveaxis(run(model, image, examples, replace(options, method=m)).array, options.axis, 0) > 0
+               for m in selfcheck.SEGMENT_METHODS}
+    return outputs, records
 
 
 def table(rows: list[dict], margins: tuple[float, ...]) -> str:
