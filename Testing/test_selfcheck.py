@@ -358,3 +358,49 @@ def test_expected_dice_is_monotone_and_bounded() -> None:
     expected = np.array([selfcheck.expected_dice(v) for v in loo])
     assert np.all(np.diff(expected) > 0) and expected.min() >= 0 and expected.max() <= 1
     assert expected[0] > 0.3 and expected[-1] < 1  # pessimistic raw scores are lifted, not inflated to 1
+
+
+def test_inpainting_examples_hold_tissue_under_the_hole(shared_data: Path) -> None:
+    """The examples made from the user's hole put it on intact slices that hold tissue there: on the
+    bench's brain MR the intact slices run out to the top and bottom of the head, where the hole falls
+    on air (a fold the model fails and biharmonic trivially passes, which once decided the run)."""
+    from medgen.prompts import TISSUE_LEVEL, inpaint_self_examples
+    from medgen_dev.bench.data import mask_on_image
+
+    brats = shared_data / "brats"
+    image = read_volume(brats / "BraTS-MET-AURORA-example" / "t1.nii.gz")
+    hole = mask_on_image(brats / "BraTS-GLI-00001-000" / "inpainting_mask.nii.gz",
+                         brats / "BraTS-MET-AURORA-example" / "t1.nii.gz")
+    axis = parse_axis("axial", image)
+    holed = image.with_array(np.where(hole, 0, image.array).astype(np.float32))
+    examples = inpaint_self_examples(holed, image.with_array(hole.astype(np.uint8)), axis, "mr")
+    norm = fit_normalizer(image.array, "mr")
+    slices = np.moveaxis(image.array, axis, 0)
+    holes = np.moveaxis(hole, axis, 0)
+    with_hole = np.nonzero(holes.any((1, 2)))[0]
+    plane = holes[with_hole[len(with_hole) // 2]]  # the hole the examples carry
+    share = [float(np.mean(norm(s[plane]) > TISSUE_LEVEL)) for s in slices]
+    intact = [i for i in range(len(slices)) if not holes[i].any() and slices[i].std() > 0]
+    assert min(share[i] for i in (intact[0], intact[-1])) < 0.5 * max(share)  # the ends are air there
+    assert len(examples) == 6
+    for e in examples:
+        np.testing.assert_array_equal(e.image, np.where(plane, 0, e.target))
+        assert np.mean(norm(e.target[plane]) > TISSUE_LEVEL) >= 0.5 * max(share[i] for i in intact)
+
+
+def test_inpainting_examples_of_a_2d_image_put_the_hole_on_tissue(shared_data: Path) -> None:
+    """On a 2D image the hole is moved about the image: onto the fundus, not the black around it."""
+    from medgen.prompts import TISSUE_LEVEL, inpaint_self_examples
+
+    image = read_volume(shared_data / "drive" / "images" / "21.png")
+    assert image.is_2d
+    hole = np.zeros(image.shape, np.uint8)
+    r, c = (s // 2 for s in image.shape[-2:])
+    hole[..., r - 20:r + 20, c - 20:c + 20] = 1
+    examples = inpaint_self_examples(image, image.with_array(hole), 0, "other")
+    assert len(examples) == 6
+    norm = fit_normalizer(image.array, "other")
+    for e in examples:
+        moved = e.image != e.target
+        assert moved.sum() > 0.9 * hole.sum()  # the fundus is under the hole: nearly no pixel is 0
+        assert np.mean(norm(e.target[e.image != e.target]) > TISSUE_LEVEL) > 0.9
