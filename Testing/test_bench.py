@@ -321,3 +321,19 @@ def test_margin_sweep_assembles_what_auto_would_give() -> None:
     assert lines[0] == "| margin | mean Dice | k = 2 | k = 3 |"
     assert lines[2] == "| 0.01 | 0.7000 | 0.9000 | 0.5000 |"
     assert lines[3] == "| 0.02 (shipped) | 0.7500 | 0.8000 | 0.7000 |"
+
+
+def test_dev_ambiguity_cases_are_other_structures_than_the_bench_and_all_runnable(shared_data: Path) -> None:
+    """Checkpoints are chosen on DEV_CASES so that the bench's ambiguity row is not tuned on: no
+    (image, structure) of the bench may appear there, and every dev case must have slices that
+    hold all of its targets (else the test has no queries)."""
+    from medgen_dev.bench import incontext
+
+    def structures(cases):
+        return {(c.image, path, values) for c in cases for path, values in c.targets.values()}
+
+    assert not structures(incontext.DEV_CASES) & structures(incontext.CASES)
+    for case in incontext.DEV_CASES:
+        _, _, masks = incontext._load(case, shared_data)
+        examples, queries = incontext._slices(masks, 3, 6)
+        assert len(examples) == 3 and len(queries) >= 3, case.name

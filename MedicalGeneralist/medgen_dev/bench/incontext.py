@@ -11,6 +11,10 @@ Two measurements that a model which only recognises the domain cannot pass:
 Queries and examples are slices of one volume, run slice by slice (independent mode), so no
 propagation or prior channel can carry the answer: only the example pairs say what to segment.
 The slope of Dice against k on held-out cross-subject sets comes from the cross-subject section.
+
+`python -m medgen_dev.bench.incontext --cases dev NAME=MODEL ...` runs the same test on DEV_CASES,
+other structures and images than the bench's, to choose checkpoints or settings without tuning on
+the bench's rows (a difference of one to three queries is within what changes between case sets).
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import argparse
+import time
 
 import numpy as np
 
@@ -53,6 +60,27 @@ CASES = (
                   {"ventricle": ("voxelmorph_brain/aseg.nii.gz", (4,)),
                    "thalamus": ("voxelmorph_brain/aseg.nii.gz", (10,)),
                    "putamen": ("voxelmorph_brain/aseg.nii.gz", (12,))}, "mr", "yes"),
+)
+
+# Other structures or images than CASES, for choosing checkpoints and settings (module docstring); the
+# last two are neighbours of like intensity, the kind of pair the bench's BraTS and MNI cases are.
+_TS, _ASEG = "totalseg_example", "voxelmorph_brain/aseg.nii.gz"
+DEV_CASES = (
+    AmbiguityCase("TotalSegmentator MR: liver / spleen / right kidney", f"{_TS}/mr.nii.gz",
+                  {"liver": (f"{_TS}/mr_seg_model.nii.gz", (5,)), "spleen": (f"{_TS}/mr_seg_model.nii.gz", (1,)),
+                   "kidney": (f"{_TS}/mr_seg_model.nii.gz", (2,))}, "mr", "yes"),
+    AmbiguityCase("TotalSegmentator CT: stomach / left kidney / pancreas", f"{_TS}/ct.nii.gz",
+                  {"stomach": (f"{_TS}/ct_seg_model.nii.gz", (6,)), "kidney": (f"{_TS}/ct_seg_model.nii.gz", (3,)),
+                   "pancreas": (f"{_TS}/ct_seg_model.nii.gz", (7,))}, "ct", "yes"),
+    AmbiguityCase("voxelmorph aseg: left cortex / left white matter", "voxelmorph_brain/t1.nii.gz",
+                  {"cortex": (_ASEG, (3,)), "white matter": (_ASEG, (2,))}, "mr", "yes"),
+    AmbiguityCase("voxelmorph aseg: right ventricle / thalamus / putamen", "voxelmorph_brain/t1.nii.gz",
+                  {"ventricle": (_ASEG, (43,)), "thalamus": (_ASEG, (49,)), "putamen": (_ASEG, (51,))}, "mr", "yes"),
+    AmbiguityCase("voxelmorph aseg: right caudate / putamen / pallidum", "voxelmorph_brain/t1.nii.gz",
+                  {"caudate": (_ASEG, (50,)), "putamen": (_ASEG, (51,)), "pallidum": (_ASEG, (52,))}, "mr", "yes"),
+    AmbiguityCase("TotalSegmentator CT: aorta / inferior vena cava / portal vein", f"{_TS}/ct.nii.gz",
+                  {"aorta": (f"{_TS}/ct_seg_model.nii.gz", (52,)), "vena cava": (f"{_TS}/ct_seg_model.nii.gz", (63,)),
+                   "portal vein": (f"{_TS}/ct_seg_model.nii.gz", (64,))}, "ct", "yes"),
 )
 
 
@@ -96,9 +124,10 @@ def _predict(model, image: Volume, axis: int, example_slices: list[int], mask: n
     return out.array > 0
 
 
-def ambiguity(model, root: Path, device: str, log: Log, k: int = 3, n_query: int = 6) -> dict:
+def ambiguity(model, root: Path, device: str, log: Log, k: int = 3, n_query: int = 6,
+              cases: tuple[AmbiguityCase, ...] = CASES) -> dict:
     """Rows per case: Dice of each target's output against its own and the other targets."""
-    loaded = [(c, *_load(c, root)) for c in CASES if (root / c.image).is_file()]
+    loaded = [(c, *_load(c, root)) for c in cases if (root / c.image).is_file()]
     rows = []
     for ci, (case, image, axis, masks) in enumerate(loaded):
         ex, q = _slices(masks, k, n_query)
@@ -130,3 +159,38 @@ def ambiguity(model, root: Path, device: str, log: Log, k: int = 3, n_query: int
                if rows else None}
     return {"rows": rows, "summary": summary}
 
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One Markdown table, a column per model: follows (queries) and true minus shuffled Dice."""
+    from medgen.io.weights import load_model
+    from medgen_dev.bench.data import load_config
+
+    p = argparse.ArgumentParser(prog="python -m medgen_dev.bench.incontext", description="The ambiguity and "
+                                "shuffled-examples test on the dev cases (or the bench's), one column per model.")
+    p.add_argument("models", nargs="+", metavar="NAME=MODEL", help="a model id, folder or hf:// spec per column")
+    p.add_argument("--cases", choices=("dev", "bench"), default="dev")
+    p.add_argument("--config", default=None, help="bench configuration whose data_root holds the cases "
+                   "(default: the shipped one, ../shared/data)")
+    args = p.parse_args(argv)
+    root = load_config(args.config).data_root
+    cases = DEV_CASES if args.cases == "dev" else CASES
+    results = {}
+    for item in args.models:
+        name, _, spec = item.partition("=")
+        start = time.time()
+        results[name] = ambiguity(load_model(spec or name, "cpu")[0], root, "cpu", print, cases=cases)
+        print(f"{name}: {time.time() - start:.0f} s")
+    names = list(results)
+    print("\n| case | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+    for i, case in enumerate(r["case"] for r in results[names[0]]["rows"]):
+        cells = [f"{res['rows'][i]['follows_fraction'] * res['rows'][i]['n']:.0f}/{res['rows'][i]['n']}"
+                 for res in results.values()]
+        print(f"| {case} | " + " | ".join(cells) + " |")
+    for key, fmt in (("follows_fraction", "{:.1%}"), ("dice_true_minus_shuffled", "{:+.3f}")):
+        print(f"| {key} | " + " | ".join(fmt.format(r["summary"][key]) for r in results.values()) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
