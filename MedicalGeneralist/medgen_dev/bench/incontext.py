@@ -19,12 +19,11 @@ the bench's rows (a difference of one to three queries is within what changes be
 
 from __future__ import annotations
 
+import argparse
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-import argparse
-import time
 
 import numpy as np
 
@@ -158,7 +157,6 @@ def ambiguity(model, root: Path, device: str, log: Log, k: int = 3, n_query: int
                "dice_true_minus_shuffled": float(np.mean([r["dice_own"] - r["dice_shuffled"] for r in rows]))
                if rows else None}
     return {"rows": rows, "summary": summary}
-
 
 
 def main(argv: list[str] | None = None) -> int:
