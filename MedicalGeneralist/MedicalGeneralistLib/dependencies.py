@@ -22,7 +22,7 @@ TORCH_REQUIREMENT = ">=2.2"
 PIP_REQUIREMENTS = [("monai>=1.4", "monai"), ("safetensors>=0.4", "safetensors"),
                     ("huggingface_hub>=0.24", "huggingface_hub"), ("jsonschema>=4.20", "jsonschema"),
                     ("scipy>=1.10", "scipy"), ("scikit-image>=0.22", "skimage"),
-                    ("PyWavelets>=1.4", "pywt"), ("psutil>=5.9", "psutil")]
+                    ("scikit-learn>=1.3", "sklearn"), ("PyWavelets>=1.4", "pywt"), ("psutil>=5.9", "psutil")]
 NO_DEPS = ("monai",)
 PROTECTED_PACKAGES = ["torch", "numpy", "SimpleITK", "vtk", "itk"]
 

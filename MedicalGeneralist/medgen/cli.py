@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "of the image, else independent")
     r.add_argument("--method", default="auto",
                    help="auto (default: a self-check on the examples picks the best method per label or "
-                        "task), model, or a classical method: fill, registration, nearest (segmentation), "
+                        "task), model, or a classical method: fill, registration, nearest (segmentation by "
+                        "propagation), classifier (segmentation slice by slice: a pixel classifier), "
                         "nl-means, tv (denoise), linear, histogram (synthesize), biharmonic (inpaint)")
     r.add_argument("--report", default=None, metavar="PATH",
                    help="write the self-check's report (chosen method, leave-one-out estimates) as JSON here")

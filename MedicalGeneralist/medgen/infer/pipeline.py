@@ -7,7 +7,7 @@ same checks, cancellation and geometry. A cancelled run returns None and has wri
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -95,7 +95,9 @@ def run_with_report(model: InContextUNet, image: Volume, examples: list[Example]
                 mode = segment_mode(options.segment.mode, image, examples)
                 answer = lambda p, parts=None: _segment(model, device, image, examples, options, p, cancel, parts)
                 array, report = selfcheck.run_segmentation(model, device, image, examples, options, mode,
-                                                           answer, progress, cancel)
+                                                           answer, progress, cancel,
+                                                           _segment_fold(model, device, options, cancel),
+                                                           torch.get_num_threads())
             else:
                 answer = lambda p: _image_task(model, device, image, examples, options, mask, p, cancel)
                 array, report = selfcheck.run_image_task(model, device, image, examples, options, mask,
@@ -157,14 +159,27 @@ def _check_mask(image: Volume, mask: Volume | None) -> None:
         raise InputError("the inpainting mask is empty: mark the region to fill with non-zero voxels")
 
 
+def _segment_fold(model, device, options: RunOptions, cancel) -> Callable[[Example, list[Example]], np.ndarray]:
+    """The model's label map of one hidden example pair from the others, as the run would segment a
+    slice of the query (slice-by-slice self-check, slicewise.py): the pair's slice alone as a 2D
+    image, in its own volume's intensity normalisation."""
+    one = replace(options, axis=0, segment=replace(options.segment, mode="independent"))
+
+    def fold(hidden: Example, others: list[Example]) -> np.ndarray:
+        rows, cols = hidden.spacing
+        image = Volume(hidden.image[None].astype(np.float32), (cols, rows, 1.0), is_2d=True)
+        return _segment(model, device, image, others, one, lambda f, m: None, cancel, norm=hidden.image_norm)[0]
+    return fold
+
+
 def _segment(model, device, image, examples, options, progress, cancel,
-             parts: dict[int, tuple[str, ...]] | None = None) -> np.ndarray:
+             parts: dict[int, tuple[str, ...]] | None = None, norm=None) -> np.ndarray:
     """The model's segmentation; with `parts` (label value -> "between" / "beyond" its labelled
     slices) only those regions are propagated, the rest left empty (the self-check's other
-    methods fill them)."""
+    methods fill them). `norm`: the image's intensity normalisation (default: fitted on it)."""
     labels = example_labels(examples)
     slices = slice_view(image.array, options.axis)
-    norm = fit_normalizer(image.array, options.modality)
+    norm = norm if norm is not None else fit_normalizer(image.array, options.modality)
     spacing = image.slice_spacing(options.axis)
     mode = segment_mode(options.segment.mode, image, examples)
     # crops around the structure need its position in this volume: the image's own labelled slices

@@ -156,8 +156,9 @@ Progress = Callable[[float, str], None]
 
 
 def methods(task: str) -> tuple[str, ...]:
-    """The methods a run of `task` may be asked for ("auto" first)."""
-    return ("auto",) + (SEGMENT_METHODS if task == "segment" else IMAGE_METHODS[task])
+    """The methods a run of `task` may be asked for ("auto" first; the classifier segments slice by
+    slice only, slicewise.py)."""
+    return ("auto",) + (SEGMENT_METHODS + ("classifier",) if task == "segment" else IMAGE_METHODS[task])
 
 
 def check_method(task: str, method: str) -> None:
@@ -658,12 +659,15 @@ def fold_context(model, device, image, examples: list[Example], options, reg_nor
 
 def run_segmentation(model, device, image, examples: list[Example], options, mode: str,
                      model_answer: Callable[..., np.ndarray], progress: Progress,
-                     cancel: Callable[[], bool] | None = None) -> tuple[np.ndarray, SelfCheckReport]:
+                     cancel: Callable[[], bool] | None = None, model_fold: Callable | None = None,
+                     threads: int = 1) -> tuple[np.ndarray, SelfCheckReport]:
     """The segmentation (image axis order) by `options.method`, and its report.
 
     `model_answer(progress, parts=None)` is the model's own output (the pipeline's path, adaptation
     included), limited to `parts` (label value -> regions) when given; it is only called when some
-    label's chosen method is the model, and only for the regions where it is."""
+    label's chosen method is the model, and only for the regions where it is. Slice by slice
+    (`mode` "independent") slicewise.py decides instead, with `model_fold(hidden pair, the others)`
+    (the model's label map of a hidden example pair) and `threads` for the pixel classifier."""
     from medgen.core.intensity import fit_normalizer
     from medgen.core.volume import slice_view
     from medgen.infer.segment import label_dtype
@@ -674,16 +678,12 @@ def run_segmentation(model, device, image, examples: list[Example], options, mod
     labels = example_labels(examples)
     own = {e.slice_index: e.target for e in examples if e.slice_index is not None}
     if mode != "propagate":
-        if method not in ("auto", "model"):
-            raise InputError(f"the {method} method works from labelled slices of the image itself, "
-                             "and none of the examples is one: label a slice of this image, or use the model")
-        t = time.perf_counter()
-        array = model_answer(progress)
-        note = "examples from other images: only the model applies"
-        report = SelfCheckReport("segment", method, [
-            Estimate(f"label {v}", "dice", "model", None, {}, len(examples), 0, {}, note) for v in labels],
-            0.0, time.perf_counter() - t)
-        return array, report
+        from medgen.infer import slicewise
+
+        return slicewise.run(image, examples, options, model_answer, model_fold, progress, threads, cancel)
+    if method == "classifier":
+        raise InputError("the pixel classifier segments each slice on its own from the example pairs, not by "
+                         "propagation: use the independent segmentation mode with it")
     slices = slice_view(image.array, axis)
     spacing = image.slice_spacing(axis)
     reg_norm = fit_normalizer(image.array, options.modality, clip=True)

@@ -105,10 +105,11 @@ def _slices(masks: dict[str, np.ndarray], k: int, n_query: int, min_pixels: int 
 
 
 def _predict(model, image: Volume, axis: int, example_slices: list[int], mask: np.ndarray,
-             queries: list[int], modality: str, device: str, source: Volume | None = None,
-             source_axis: int | None = None, source_modality: str | None = None) -> np.ndarray:
-    """Segment the query slices from example pairs (the image's own slices, or another case's)."""
-    from medgen.infer.pipeline import RunOptions, run
+             queries: list[int], modality: str, device: str, method: str, source: Volume | None = None,
+             source_axis: int | None = None, source_modality: str | None = None) -> tuple[np.ndarray, str]:
+    """Segment the query slices from example pairs (the image's own slices, or another case's) by
+    `method` ("model", or "auto": what a user gets); the mask and the method that made it."""
+    from medgen.infer.pipeline import RunOptions, run_with_report
     from medgen.infer.segment import SegmentSettings
 
     src = source or image
@@ -118,44 +119,54 @@ def _predict(model, image: Volume, axis: int, example_slices: list[int], mask: n
                                   own=False)
     stack = np.moveaxis(np.take(image.array, queries, axis=axis), axis, 0)
     query = Volume(stack.astype(np.float32), image.spacing, image.origin, image.direction)
-    out = run(model, query, examples, RunOptions("segment", 0, modality, device,
-                                                  segment=SegmentSettings(mode="independent")))
-    return out.array > 0
+    out = run_with_report(model, query, examples, RunOptions("segment", 0, modality, device, method=method,
+                                                             segment=SegmentSettings(mode="independent")))
+    return out.volume.array > 0, out.report.estimates[0].chosen
 
 
 def ambiguity(model, root: Path, device: str, log: Log, k: int = 3, n_query: int = 6,
               cases: tuple[AmbiguityCase, ...] = CASES) -> dict:
-    """Rows per case: Dice of each target's output against its own and the other targets."""
+    """Rows per case: Dice of each target's output against its own and the other targets, for the
+    model alone (the keys without prefix) and for "auto" (keys auto_*: the self-check's choice
+    between the model and the pixel classifier per target, slicewise.py)."""
     loaded = [(c, *_load(c, root)) for c in cases if (root / c.image).is_file()]
     rows = []
     for ci, (case, image, axis, masks) in enumerate(loaded):
         ex, q = _slices(masks, k, n_query)
-        outputs = {t: _predict(model, image, axis, ex, m, q, case.modality, device) for t, m in masks.items()}
-        own, other, follows = [], [], []
-        for t, pred in outputs.items():
-            for j, s in enumerate(q):
-                d = {u: dice(pred[j], masks[u][s]) for u in masks}
-                best_other = max(v for u, v in d.items() if u != t)
-                own.append(d[t]), other.append(best_other), follows.append(d[t] > best_other)
         donor_case, donor_image, donor_axis, donor_masks = loaded[(ci + 1) % len(loaded)]
         donor_mask = next(iter(donor_masks.values()))
         donor_ex, _ = _slices({"m": donor_mask}, k, 0)
-        shuffled = []
-        for t, m in masks.items():
-            pred = _predict(model, image, axis, donor_ex, donor_mask, q, case.modality, device,
-                            source=donor_image, source_axis=donor_axis, source_modality=donor_case.modality)
-            shuffled += [dice(pred[j], m[s]) for j, s in enumerate(q)]
         row = {"case": case.name, "seen": case.seen, "targets": list(masks), "k": k,
-               "example_slices": ex, "query_slices": q, "dice_own": float(np.mean(own)),
-               "dice_best_other": float(np.mean(other)), "follows_fraction": float(np.mean(follows)),
-               "n": len(follows), "shuffled_donor": donor_case.name, "dice_shuffled": float(np.mean(shuffled))}
+               "example_slices": ex, "query_slices": q, "shuffled_donor": donor_case.name}
+        for method, prefix in (("model", ""), ("auto", "auto_")):
+            made = {t: _predict(model, image, axis, ex, m, q, case.modality, device, method) for t, m in masks.items()}
+            own, other, follows = [], [], []
+            for t, (pred, _) in made.items():
+                for j, s in enumerate(q):
+                    d = {u: dice(pred[j], masks[u][s]) for u in masks}
+                    best_other = max(v for u, v in d.items() if u != t)
+                    own.append(d[t]), other.append(best_other), follows.append(d[t] > best_other)
+            shuffled = []
+            for t, m in masks.items():
+                pred = _predict(model, image, axis, donor_ex, donor_mask, q, case.modality, device, method,
+                                source=donor_image, source_axis=donor_axis, source_modality=donor_case.modality)[0]
+                shuffled += [dice(pred[j], m[s]) for j, s in enumerate(q)]
+            row.update({f"{prefix}dice_own": float(np.mean(own)), f"{prefix}dice_best_other": float(np.mean(other)),
+                        f"{prefix}follows_fraction": float(np.mean(follows)), "n": len(follows),
+                        f"{prefix}dice_shuffled": float(np.mean(shuffled))})
+            if prefix:
+                row["auto_chosen"] = {t: chosen for t, (_, chosen) in made.items()}
+            log(f"{case.name} ({method}): own {row[f'{prefix}dice_own']:.3f} vs best other "
+                f"{row[f'{prefix}dice_best_other']:.3f}, follows {row[f'{prefix}follows_fraction']:.0%}; shuffled "
+                f"examples {row[f'{prefix}dice_shuffled']:.3f}" + (f"; chose {row['auto_chosen']}" if prefix else ""))
         rows.append(row)
-        log(f"{case.name}: own {row['dice_own']:.3f} vs best other {row['dice_best_other']:.3f}, follows "
-            f"{row['follows_fraction']:.0%}; shuffled examples {row['dice_shuffled']:.3f}")
-    summary = {"follows_fraction": float(sum(r["follows_fraction"] * r["n"] for r in rows) / sum(r["n"] for r in rows))
-               if rows else None,
-               "dice_true_minus_shuffled": float(np.mean([r["dice_own"] - r["dice_shuffled"] for r in rows]))
-               if rows else None}
+    summary = {}
+    for prefix in ("", "auto_"):
+        n = sum(r["n"] for r in rows)
+        summary[f"{prefix}follows_fraction"] = (float(sum(r[f"{prefix}follows_fraction"] * r["n"] for r in rows) / n)
+                                                if rows else None)
+        summary[f"{prefix}dice_true_minus_shuffled"] = (float(np.mean([r[f"{prefix}dice_own"] - r[f"{prefix}dice_shuffled"]
+                                                                       for r in rows])) if rows else None)
     return {"rows": rows, "summary": summary}
 
 
@@ -180,13 +191,15 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = ambiguity(load_model(spec or name, "cpu")[0], root, "cpu", print, cases=cases)
         print(f"{name}: {time.time() - start:.0f} s")
     names = list(results)
-    print("\n| case | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+    cols = [(n, p) for n in names for p in ("", "auto_")]
+    print("\n| case | " + " | ".join(f"{n} {'auto' if p else 'model'}" for n, p in cols) + " |\n|---|"
+          + "---|" * len(cols))
     for i, case in enumerate(r["case"] for r in results[names[0]]["rows"]):
-        cells = [f"{res['rows'][i]['follows_fraction'] * res['rows'][i]['n']:.0f}/{res['rows'][i]['n']}"
-                 for res in results.values()]
+        cells = [f"{results[n]['rows'][i][p + 'follows_fraction'] * results[n]['rows'][i]['n']:.0f}/"
+                 f"{results[n]['rows'][i]['n']}" for n, p in cols]
         print(f"| {case} | " + " | ".join(cells) + " |")
     for key, fmt in (("follows_fraction", "{:.1%}"), ("dice_true_minus_shuffled", "{:+.3f}")):
-        print(f"| {key} | " + " | ".join(fmt.format(r["summary"][key]) for r in results.values()) + " |")
+        print(f"| {key} | " + " | ".join(fmt.format(results[n]["summary"][p + key]) for n, p in cols) + " |")
     return 0
 
 

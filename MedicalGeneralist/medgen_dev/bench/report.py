@@ -352,18 +352,27 @@ def in_context_section(results: dict) -> list[str]:
                   + f" | {s['gain']:+.3f} |" for s in slopes] + [""]
     ic = results.get("in_context", {})
     if ic.get("rows"):
+        auto = "auto_follows_fraction" in ic["summary"]
         lines += ["Ambiguity test: the same query slices, examples of different targets on the same example "
                   "slices (slice by slice, no propagation). *Follows* = the output is closer to its own "
-                  "target than to every other target. Shuffled = the example pairs of another case.", "",
-                  "| case | seen | k | queries × targets | Dice own target | Dice best other target | follows | Dice with shuffled examples |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "target than to every other target. Shuffled = the example pairs of another case. "
+                  "*Model*: the network alone; *auto*: what a run gives, the self-check's choice per target "
+                  "between the model and the pixel classifier (leave-one-out over the example pairs).", "",
+                  "| case | seen | k | queries × targets | Dice own target | Dice best other target | follows | Dice with shuffled examples |"
+                  + (" auto: Dice own | auto: follows | auto: shuffled | auto chose |" if auto else ""),
+                  "|---|---|---|---|---|---|---|---|" + ("---|---|---|---|" if auto else "")]
         for r in ic["rows"]:
             lines.append(f"| {r['case']} | {r['seen']} | {r['k']} | {r['n']} | {r['dice_own']:.3f} | "
-                         f"{r['dice_best_other']:.3f} | {r['follows_fraction']:.0%} | {r['dice_shuffled']:.3f} |")
+                         f"{r['dice_best_other']:.3f} | {r['follows_fraction']:.0%} | {r['dice_shuffled']:.3f} |"
+                         + (f" {r['auto_dice_own']:.3f} | {r['auto_follows_fraction']:.0%} | "
+                            f"{r['auto_dice_shuffled']:.3f} | {', '.join(f'{t}: {m}' for t, m in r['auto_chosen'].items())} |"
+                            if auto else ""))
         s = ic["summary"]
-        lines += ["", f"Over all cases: outputs follow their examples on {s['follows_fraction']:.0%} of "
-                  f"queries; true examples score {s['dice_true_minus_shuffled']:+.3f} Dice above shuffled ones. "
-                  "All these images were seen in training (their labels too): a held-out multi-label "
+        lines += ["", f"Over all cases: the model's outputs follow their examples on {s['follows_fraction']:.1%} of "
+                  f"queries; true examples score {s['dice_true_minus_shuffled']:+.3f} Dice above shuffled ones."
+                  + (f" Auto's follow them on {s['auto_follows_fraction']:.1%} ({s['auto_dice_true_minus_shuffled']:+.3f} "
+                     "above shuffled)." if auto else "")
+                  + " All these images were seen in training (their labels too): a held-out multi-label "
                   "volume would be the cleaner test.", ""]
     return lines
 
