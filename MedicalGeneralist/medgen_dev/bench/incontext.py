@@ -125,10 +125,12 @@ def _predict(model, image: Volume, axis: int, example_slices: list[int], mask: n
 
 
 def ambiguity(model, root: Path, device: str, log: Log, k: int = 3, n_query: int = 6,
-              cases: tuple[AmbiguityCase, ...] = CASES) -> dict:
+              cases: tuple[AmbiguityCase, ...] = CASES, auto: bool = True) -> dict:
     """Rows per case: Dice of each target's output against its own and the other targets, for the
-    model alone (the keys without prefix) and for "auto" (keys auto_*: the self-check's choice
-    between the model and the pixel classifier per target, slicewise.py)."""
+    model alone (the keys without prefix) and, with `auto`, for what a run gives (keys auto_*: the
+    self-check's choice between the model and the pixel classifier per target, slicewise.py; four
+    times the model's cost, so the CI's quick bench leaves it to Testing/test_slicewise.py)."""
+    prefixes = ("", "auto_") if auto else ("",)
     loaded = [(c, *_load(c, root)) for c in cases if (root / c.image).is_file()]
     rows = []
     for ci, (case, image, axis, masks) in enumerate(loaded):
@@ -138,7 +140,8 @@ def ambiguity(model, root: Path, device: str, log: Log, k: int = 3, n_query: int
         donor_ex, _ = _slices({"m": donor_mask}, k, 0)
         row = {"case": case.name, "seen": case.seen, "targets": list(masks), "k": k,
                "example_slices": ex, "query_slices": q, "shuffled_donor": donor_case.name}
-        for method, prefix in (("model", ""), ("auto", "auto_")):
+        for prefix in prefixes:
+            method = "auto" if prefix else "model"
             made = {t: _predict(model, image, axis, ex, m, q, case.modality, device, method) for t, m in masks.items()}
             own, other, follows = [], [], []
             for t, (pred, _) in made.items():
@@ -161,7 +164,7 @@ def ambiguity(model, root: Path, device: str, log: Log, k: int = 3, n_query: int
                 f"examples {row[f'{prefix}dice_shuffled']:.3f}" + (f"; chose {row['auto_chosen']}" if prefix else ""))
         rows.append(row)
     summary = {}
-    for prefix in ("", "auto_"):
+    for prefix in prefixes:
         n = sum(r["n"] for r in rows)
         summary[f"{prefix}follows_fraction"] = (float(sum(r[f"{prefix}follows_fraction"] * r["n"] for r in rows) / n)
                                                 if rows else None)

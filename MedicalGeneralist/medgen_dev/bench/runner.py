@@ -121,7 +121,7 @@ def run_bench(cfg: BenchConfig, model_spec: str | None = None, device: str = "au
     pictures: dict = {}
     steps = {"propagation": lambda: propagation(model, cfg, device, log),
              "cross_subject": lambda: cross_subject(model, cfg, device, log),
-             "in_context": lambda: (in_context(model, cfg, device, log), {}),
+             "in_context": lambda: (in_context(model, cfg, device, log, quick), {}),
              "image_tasks": lambda: image_tasks(model, cfg, device, log),
              "speed": lambda: (speed(model, cfg, device, model_spec, log), {})}
     for name in SECTIONS:
@@ -291,13 +291,14 @@ def _cross_one(model, ps: PairSet, query: tuple[Volume, np.ndarray], examples: l
 
 
 # -- 2b. in-context use: ambiguity and shuffled examples ---------------------------------------------
-def in_context(model, cfg: BenchConfig, device: str, log: Log) -> dict:
-    """Outputs must follow the examples (incontext.py); needs the shared data's multi-label cases."""
+def in_context(model, cfg: BenchConfig, device: str, log: Log, quick: bool = False) -> dict:
+    """Outputs must follow the examples (incontext.py); needs the shared data's multi-label cases.
+    The quick run scores the model alone (auto's self-check would quadruple its cost)."""
     from medgen_dev.bench.incontext import ambiguity
 
     if cfg.data_root is None:
         return {"rows": [], "summary": {}, "skipped": "no shared data folder in this configuration"}
-    return ambiguity(model, cfg.data_root, device, log, n_query=3 if cfg.crop else 6)
+    return ambiguity(model, cfg.data_root, device, log, n_query=3 if cfg.crop else 6, auto=not quick)
 
 
 # -- 3. image tasks ----------------------------------------------------------------------------------
