@@ -320,8 +320,10 @@ PIXEL_SIGMAS = (1.0, 16.0)
 PIXEL_TREES, PIXEL_DEPTH = 50, 12
 PIXEL_BACKGROUND = 20000  # background pixels sampled per fit (at least four per structure pixel)
 # structure pixels kept per fit: 16 example slices of a liver hold some 450 000, a forest on all of
-# them (and four times as much background) would take minutes; the bench's cases hold at most 22 000
-PIXEL_STRUCTURE = 50000
+# them (and four times as much background) would take minutes; the bench's ambiguity cases hold at
+# most 22 000. Even so a fit on 8 BUSI pairs (25 000 + 100 000 pixels) takes tens of seconds on
+# one core, five times over in the self-check's folds (README, "Slice by slice")
+PIXEL_STRUCTURE = 25000
 
 
 def pixel_features(image: np.ndarray) -> np.ndarray:
