@@ -322,7 +322,7 @@ PIXEL_BACKGROUND = 20000  # background pixels sampled per fit (at least four per
 # structure pixels kept per fit: 16 example slices of a liver hold some 450 000, a forest on all of
 # them (and four times as much background) would take minutes; the bench's ambiguity cases hold at
 # most 22 000. Even so a fit on 8 BUSI pairs (25 000 + 100 000 pixels) takes tens of seconds on
-# one core, five times over in the self-check's folds (README, "Slice by slice")
+# one core, once per hidden pair in the self-check (README, "Slice by slice")
 PIXEL_STRUCTURE = 25000
 
 
